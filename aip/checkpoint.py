@@ -1,0 +1,138 @@
+"""Stage checkpoints: written under a temporary name and renamed, with a manifest that resume checks.
+
+A checkpoint directory `checkpoints/stage-NN/` holds Accelerate's saved state (`state/`: student and discriminator
+weights, optimizer, scheduler and RNG states), `history.json` (the Torch-Pruning history: the student's architecture)
+and `meta.json` (stage, step counters, the report rows so far). `manifest.json` lists every file with its size and
+SHA-256; a checkpoint whose files do not match it is treated as damaged and skipped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import warnings
+from pathlib import Path
+from typing import Any
+
+MANIFEST = "manifest.json"
+STATE_DIR = "state"
+
+
+class CheckpointError(RuntimeError):
+    """No usable checkpoint where one was asked for."""
+
+
+def stage_dir(run_dir: Path, stage: int) -> Path:
+    return Path(run_dir) / "checkpoints" / f"stage-{stage:02d}"
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _files(root: Path) -> list[Path]:
+    return sorted(p for p in root.rglob("*") if p.is_file() and p.name != MANIFEST)
+
+
+def write_manifest(root: Path) -> None:
+    """Record size and checksum of every file under `root`, so that truncation or corruption is detected."""
+    entries = {str(p.relative_to(root)): {"size": p.stat().st_size, "sha256": _sha256(p)} for p in _files(root)}
+    (root / MANIFEST).write_text(json.dumps(entries, indent=1, sort_keys=True))
+
+
+def verify(root: Path) -> str | None:
+    """None when the checkpoint at `root` matches its manifest, else a short reason."""
+    manifest = root / MANIFEST
+    if not manifest.is_file():
+        return "no manifest (unfinished write?)"
+    try:
+        entries = json.loads(manifest.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return "manifest is unreadable"
+    for rel, want in entries.items():
+        path = root / rel
+        if not path.is_file():
+            return f"{rel} is missing"
+        if path.stat().st_size != want["size"]:
+            return f"{rel} has {path.stat().st_size} bytes, the manifest says {want['size']}"
+        if _sha256(path) != want["sha256"]:
+            return f"{rel} does not match its checksum"
+    return None
+
+
+def begin(run_dir: Path, stage: int) -> Path:
+    """A fresh temporary directory beside the final one, for the checkpoint of `stage` to be written into."""
+    tmp = stage_dir(run_dir, stage).with_name(f".stage-{stage:02d}.tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    return tmp
+
+
+def commit(tmp: Path, run_dir: Path, stage: int, history: list, meta: dict[str, Any]) -> Path:
+    """Add history, meta and manifest to the temporary directory, then rename it into place atomically."""
+    (tmp / "history.json").write_text(json.dumps(history))
+    (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+    write_manifest(tmp)
+    final = stage_dir(run_dir, stage)
+    if final.exists():  # a stage re-run after a resume: move the old one aside, never write into it
+        old = final.with_name(final.name + ".old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old)
+    else:
+        os.replace(tmp, final)
+    return final
+
+
+def prune_old(run_dir: Path, keep: int) -> None:
+    """Delete all but the newest `keep` stage checkpoints (keep 0: delete none)."""
+    if keep <= 0:
+        return
+    for path in list_checkpoints(run_dir)[:-keep]:
+        shutil.rmtree(path)
+
+
+def list_checkpoints(run_dir: Path) -> list[Path]:
+    """Stage checkpoint directories of a run, oldest first (damaged ones included)."""
+    root = Path(run_dir) / "checkpoints"
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("stage-") and p.name[6:].isdigit())
+
+
+def latest_valid(run_dir: Path) -> Path | None:
+    """The newest checkpoint of a run that matches its manifest; damaged ones are skipped with a warning."""
+    for path in reversed(list_checkpoints(run_dir)):
+        reason = verify(path)
+        if reason is None:
+            return path
+        warnings.warn(f"skipping damaged checkpoint {path}: {reason}", stacklevel=2)
+    return None
+
+
+def read(path: Path) -> tuple[list, dict[str, Any]]:
+    """The history and meta of a checkpoint, after checking it against its manifest."""
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"no checkpoint directory at {str(path)!r}")
+    reason = verify(path)
+    if reason is not None:
+        raise CheckpointError(f"checkpoint {str(path)!r} is damaged: {reason}")
+    return json.loads((path / "history.json").read_text()), json.loads((path / "meta.json").read_text())
+
+
+def find_run_dirs(runs_root: Path, name: str) -> list[Path]:
+    """Run directories `runs_root/<name>-*` that hold a config, newest first (by modification time)."""
+    runs_root = Path(runs_root)
+    if not runs_root.is_dir():
+        return []
+    found = [p for p in runs_root.glob(f"{name}-*") if (p / "config.yaml").is_file()]
+    return sorted(found, key=lambda p: p.stat().st_mtime, reverse=True)

@@ -1,0 +1,331 @@
+"""Run configuration: dataclasses, YAML loading, dotted overrides and validation with one-line errors.
+
+Every key a YAML file or `--set key=value` may name is a field below; anything else is refused before any work
+starts, with the key and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A bad config value; the message is one line naming the key and what is allowed."""
+
+
+@dataclass
+class ModelConfig:
+    name: str = "cifar_resnet20"
+    # Local checkpoint of a trained teacher (a state dict, or a run's teacher.pt); none: `mode: aip` trains one.
+    teacher_checkpoint: str | None = None
+    # Module names whose outputs feed attention transfer; none: the family's stage ends, found automatically.
+    taps: list[str] | None = None
+
+
+@dataclass
+class DataConfig:
+    name: str = "synthetic"
+    root: str | None = None
+    download: bool = False
+    batch_size: int = 64
+    eval_batch_size: int = 256
+    num_workers: int = 0
+    augment: bool = True
+    # Use only the first N training samples (a fixed subset, for quick runs); none: all of them.
+    train_subset: int | None = None
+    # Synthetic data set only.
+    num_classes: int = 10
+    image_size: int = 32
+    train_size: int = 2048
+    val_size: int = 512
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 10
+    teacher_epochs: int = 10
+    lr: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    scheduler: str = "cosine"
+    grad_accum_steps: int = 1
+    mixed_precision: str = "no"
+    log_every: int = 20
+
+
+@dataclass
+class PruneConfig:
+    criterion: str = "l1"
+    target_flops_ratio: float | None = 0.5
+    target_params_ratio: float | None = None
+    intervals: int = 3
+    epochs_between: int = 1
+    finetune_epochs: int = 1
+    schedule: str = "geometric"
+    # No layer group may lose more than this fraction of its original channels.
+    max_layer_ratio: float = 0.8
+    # Batches of training data used by data-dependent criteria (taylor).
+    calibration_batches: int = 4
+    round_to: int | None = None
+
+
+@dataclass
+class WeightedLoss:
+    weight: float = 1.0
+
+
+@dataclass
+class KDLoss:
+    weight: float = 0.3
+    temperature: float = 4.0
+    kind: str = "kl"
+
+
+@dataclass
+class LossConfig:
+    ce: WeightedLoss = field(default_factory=lambda: WeightedLoss(0.7))
+    kd: KDLoss = field(default_factory=KDLoss)
+    at: WeightedLoss = field(default_factory=lambda: WeightedLoss(1.0))
+    adv: WeightedLoss = field(default_factory=lambda: WeightedLoss(1.0))
+
+
+@dataclass
+class DiscriminatorConfig:
+    hidden: list[int] = field(default_factory=lambda: [128, 256, 128])
+    lr: float = 1e-4
+    beta1: float = 0.5
+    beta2: float = 0.999
+    # What D sees of the network output: raw logits or their softmax.
+    input: str = "logits"
+
+
+@dataclass
+class CheckpointConfig:
+    keep: int = 0  # stage checkpoints to keep (0: all)
+
+
+@dataclass
+class Config:
+    mode: str = "aip"
+    seed: int = 0
+    name: str = "run"
+    out: str | None = None
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    prune: PruneConfig = field(default_factory=PruneConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    disc: DiscriminatorConfig = field(default_factory=DiscriminatorConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+MODES = ("aip", "train")
+SCHEDULERS = ("cosine", "step", "constant")
+MIXED_PRECISION = ("no", "fp16", "bf16")
+PRUNE_SCHEDULES = ("geometric", "linear")
+KD_KINDS = ("kl", "mse")
+DISC_INPUTS = ("logits", "softmax")
+
+
+def _describe(tp: Any) -> str:
+    if isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union:
+        return " or ".join(_describe(a) for a in typing.get_args(tp))
+    if typing.get_origin(tp) is list:
+        return f"a list of {_describe(typing.get_args(tp)[0])}"
+    return {type(None): "null", str: "a string", int: "an integer", float: "a number", bool: "true/false"}.get(
+        tp, getattr(tp, "__name__", str(tp))
+    )
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check `value` against the annotation `tp`; ints pass as floats. Raises ConfigError naming `key`."""
+    if isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union:
+        for arg in typing.get_args(tp):
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{key}: expected {_describe(tp)}, got {value!r}")
+    if tp is type(None):
+        if value is None:
+            return None
+    elif typing.get_origin(tp) is list:
+        if isinstance(value, (list, tuple)):
+            (item,) = typing.get_args(tp)
+            return [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+    elif tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    elif dataclasses.is_dataclass(tp):
+        if isinstance(value, dict):
+            return _build(tp, value, key)
+    raise ConfigError(f"{key}: expected {_describe(tp)}, got {value!r}")
+
+
+def _build(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        full = f"{prefix}.{key}" if prefix else str(key)
+        if key not in names:
+            raise ConfigError(f"unknown key {full!r}; allowed here: {', '.join(names)}")
+        kwargs[key] = _coerce(value, hints[key], full)
+    return cls(**kwargs)
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """Turn `["train.lr=0.05", "prune.intervals=4"]` into a nested dict; values are parsed as YAML scalars."""
+    out: dict[str, Any] = {}
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected key=value, for example train.lr=0.05")
+        key, raw = item.split("=", 1)
+        try:
+            value = yaml.safe_load(raw) if raw != "" else None
+        except yaml.YAMLError:
+            value = raw
+        node = out
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {item!r}: {part!r} is set both as a value and as a section")
+        node[parts[-1]] = value
+    return out
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
+    """Read a YAML file (or start from defaults), apply dotted overrides, then validate everything."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"--config {str(path)!r}: no such file; the recipes are in configs/")
+        try:
+            loaded = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"--config {str(path)!r}: not valid YAML ({' '.join(str(exc).split())})") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"--config {str(path)!r}: the top level must be a mapping of sections")
+        data = loaded or {}
+        data.setdefault("name", path.stem)
+    return config_from_dict(_merge(data, parse_overrides(overrides or [])))
+
+
+def config_from_dict(data: dict[str, Any]) -> Config:
+    """Build and validate a Config from a plain (possibly partial) nested dict."""
+    cfg = _build(Config, data)
+    for section, key in (("data", "root"), ("model", "teacher_checkpoint")):
+        value = getattr(getattr(cfg, section), key)
+        if value is not None:
+            setattr(getattr(cfg, section), key, str(Path(value).expanduser()))
+    validate(cfg)
+    return cfg
+
+
+def _choice(key: str, value: str, allowed: tuple[str, ...] | list[str]) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{key}: {value!r} is not allowed; choose one of: {', '.join(allowed)}")
+
+
+def _positive(key: str, value: float, zero_ok: bool = False) -> None:
+    if value < 0 or (value == 0 and not zero_ok):
+        raise ConfigError(f"{key}: must be {'>= 0' if zero_ok else '> 0'}, got {value}")
+
+
+def validate(cfg: Config) -> None:
+    """Refuse impossible values and unknown registry names before any work is done."""
+    from aip.data import DATASETS
+    from aip.models import check_model_name
+    from aip.prune.importance import IMPORTANCES
+    from aip.registry import UnknownNameError
+
+    _choice("mode", cfg.mode, MODES)
+    _choice("train.scheduler", cfg.train.scheduler, SCHEDULERS)
+    _choice("train.mixed_precision", cfg.train.mixed_precision, MIXED_PRECISION)
+    _choice("prune.schedule", cfg.prune.schedule, PRUNE_SCHEDULES)
+    _choice("loss.kd.kind", cfg.loss.kd.kind, KD_KINDS)
+    _choice("disc.input", cfg.disc.input, DISC_INPUTS)
+    try:
+        check_model_name(cfg.model.name)
+    except UnknownNameError as exc:
+        raise ConfigError(f"model.name: {exc}") from None
+    _choice("data.name", cfg.data.name, DATASETS.names())
+    _choice("prune.criterion", cfg.prune.criterion, IMPORTANCES.names())
+
+    for key, ratio in (
+        ("prune.target_flops_ratio", cfg.prune.target_flops_ratio),
+        ("prune.target_params_ratio", cfg.prune.target_params_ratio),
+    ):
+        if ratio is not None and not 0.0 < ratio < 1.0:
+            raise ConfigError(f"{key}: must lie in (0, 1), the fraction of the teacher to keep; got {ratio}")
+    if cfg.mode == "aip":
+        if (cfg.prune.target_flops_ratio is None) == (cfg.prune.target_params_ratio is None):
+            raise ConfigError(
+                "prune: set exactly one of target_flops_ratio and target_params_ratio (the other to null)"
+            )
+    if not 0.0 < cfg.prune.max_layer_ratio < 1.0:
+        raise ConfigError(f"prune.max_layer_ratio: must lie in (0, 1); got {cfg.prune.max_layer_ratio}")
+    _positive("prune.intervals", cfg.prune.intervals)
+    _positive("prune.epochs_between", cfg.prune.epochs_between, zero_ok=True)
+    _positive("prune.finetune_epochs", cfg.prune.finetune_epochs, zero_ok=True)
+    _positive("prune.calibration_batches", cfg.prune.calibration_batches)
+    if cfg.prune.round_to is not None:
+        _positive("prune.round_to", cfg.prune.round_to)
+    _positive("train.lr", cfg.train.lr)
+    _positive("train.epochs", cfg.train.epochs, zero_ok=True)
+    _positive("train.teacher_epochs", cfg.train.teacher_epochs, zero_ok=True)
+    _positive("train.weight_decay", cfg.train.weight_decay, zero_ok=True)
+    _positive("train.grad_accum_steps", cfg.train.grad_accum_steps)
+    _positive("train.log_every", cfg.train.log_every)
+    _positive("data.batch_size", cfg.data.batch_size)
+    _positive("data.eval_batch_size", cfg.data.eval_batch_size)
+    _positive("data.num_workers", cfg.data.num_workers, zero_ok=True)
+    if cfg.data.train_subset is not None:
+        _positive("data.train_subset", cfg.data.train_subset)
+    _positive("data.num_classes", cfg.data.num_classes)
+    _positive("loss.kd.temperature", cfg.loss.kd.temperature)
+    for term in ("ce", "kd", "at", "adv"):
+        _positive(f"loss.{term}.weight", getattr(cfg.loss, term).weight, zero_ok=True)
+    _positive("disc.lr", cfg.disc.lr)
+    if not cfg.disc.hidden or any(h <= 0 for h in cfg.disc.hidden):
+        raise ConfigError(f"disc.hidden: a non-empty list of positive widths, got {cfg.disc.hidden}")
+    _positive("checkpoint.keep", cfg.checkpoint.keep, zero_ok=True)
+    if cfg.model.teacher_checkpoint is not None and not Path(cfg.model.teacher_checkpoint).is_file():
+        raise ConfigError(
+            f"model.teacher_checkpoint: no file at {cfg.model.teacher_checkpoint!r}; give a local path, "
+            "or null to train a teacher first"
+        )
+    DATASETS.get(cfg.data.name).validate(cfg.data)
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    """Write the resolved config as YAML (it loads back with load_config)."""
+    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))

@@ -1,0 +1,486 @@
+"""The training loop: recover a stage, evaluate, checkpoint, prune, re-prepare. Accelerate lives here.
+
+`prune/` and `distill/` know nothing of each other or of training; this module composes them. The teacher is never
+prepared: it stays frozen in eval mode and is moved to the device by hand. After each prune the student is unwrapped,
+pruned in place, given fresh optimizers and prepared again, with `free_memory()` clearing what Accelerate had
+registered so that no stale model or optimizer is saved with the next checkpoint.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import math
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from safetensors.torch import load_file
+from torch import nn
+from torch.utils.data import DataLoader
+from torch.utils.tensorboard import SummaryWriter
+from tqdm.auto import tqdm
+
+from aip import checkpoint as ckpt
+from aip.config import Config, ConfigError, save_config
+from aip.data import DataBundle, build_data
+from aip.distill.attention import attention_loss
+from aip.distill.discriminator import Discriminator
+from aip.distill.features import FeatureTaps
+from aip.distill.losses import adversarial_loss, discriminator_loss, kd_loss
+from aip.export import export_model
+from aip.models import classifier_of, create_model, default_taps
+from aip.prune.cost import model_cost
+from aip.prune.importance import create_importance
+from aip.prune.pruner import ChannelPruner
+from aip.prune.schedule import interval_targets
+from aip.report import write_report
+
+TEACHER_FILE = "teacher.pt"
+
+
+class RankMismatchError(RuntimeError):
+    """Processes ended a prune with different architectures; continuing would corrupt DDP."""
+
+
+@dataclass
+class Stage:
+    """One stage of the run: an optional prune to `target` (a cost ratio), then `epochs` of recovery."""
+
+    index: int
+    kind: str  # "prune" or "finetune"
+    epochs: int
+    target: float | None
+
+
+@dataclass
+class RunState:
+    """What the loop carries from stage to stage and stores in every checkpoint's meta."""
+
+    stage: int = 0
+    global_step: int = 0
+    teacher: dict[str, Any] = field(default_factory=dict)
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    pruning_log: list[dict[str, Any]] = field(default_factory=list)
+
+
+def plan_stages(cfg: Config) -> list[Stage]:
+    """Stages 1..S prune to the schedule's targets and recover; stage S+1 fine-tunes when finetune_epochs > 0."""
+    ratio = cfg.prune.target_flops_ratio if cfg.prune.target_flops_ratio is not None else cfg.prune.target_params_ratio
+    targets = interval_targets(ratio, cfg.prune.intervals, cfg.prune.schedule)
+    stages = [Stage(i + 1, "prune", cfg.prune.epochs_between, t) for i, t in enumerate(targets)]
+    if cfg.prune.finetune_epochs > 0:
+        stages.append(Stage(len(stages) + 1, "finetune", cfg.prune.finetune_epochs, None))
+    return stages
+
+
+def architecture_hash(model: nn.Module) -> str:
+    """A digest of every parameter and buffer name and shape: equal iff two models have the same architecture."""
+    shapes = [(n, tuple(t.shape)) for n, t in list(model.named_parameters()) + list(model.named_buffers())]
+    return hashlib.sha256(repr(shapes).encode()).hexdigest()[:16]
+
+
+def _topk_correct(logits: torch.Tensor, labels: torch.Tensor, ks: tuple[int, ...] = (1, 5)) -> list[torch.Tensor]:
+    top = logits.topk(min(max(ks), logits.shape[1]), dim=1).indices
+    hits = top.eq(labels[:, None])
+    return [hits[:, :k].any(dim=1).sum() for k in ks]
+
+
+class Engine:
+    """Runs one configured job (`mode: train` or `mode: aip`) in one run directory."""
+
+    def __init__(self, cfg: Config, run_dir: Path) -> None:
+        self.cfg = cfg
+        self.run_dir = Path(run_dir)
+        self.accelerator = Accelerator(
+            mixed_precision=cfg.train.mixed_precision, gradient_accumulation_steps=cfg.train.grad_accum_steps
+        )
+        self.main = self.accelerator.is_main_process
+        if self.main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, self.run_dir / "config.yaml")
+        self.accelerator.wait_for_everyone()
+        set_seed(cfg.seed)
+        self.data: DataBundle = build_data(cfg.data)
+        self.example = self.data.train[0][0].unsqueeze(0)
+        self.writer = SummaryWriter(str(self.run_dir / "tb")) if self.main else None
+        self.state = RunState()
+        self._loader_gen = torch.Generator()
+
+    # ----------------------------------------------------------------- helpers
+    def log(self, values: dict[str, float], step: int) -> None:
+        if self.writer is not None:
+            for key, value in values.items():
+                self.writer.add_scalar(key, value, step)
+
+    def print(self, *args: Any) -> None:
+        self.accelerator.print(*args)
+
+    def _seed(self, stage: int, epoch: int) -> None:
+        """Seed everything from (seed, stage, epoch) so a resumed stage draws the same data as an unbroken run."""
+        value = self.cfg.seed * 100_003 + stage * 1_009 + epoch
+        set_seed(value)
+        self._loader_gen.manual_seed(value)
+
+    def train_loader(self) -> DataLoader:
+        return DataLoader(
+            self.data.train,
+            batch_size=self.cfg.data.batch_size,
+            shuffle=True,
+            drop_last=True,
+            num_workers=self.cfg.data.num_workers,
+            generator=self._loader_gen,
+        )
+
+    def val_loader(self) -> DataLoader:
+        return DataLoader(
+            self.data.val, batch_size=self.cfg.data.eval_batch_size, num_workers=self.cfg.data.num_workers
+        )
+
+    def new_model(self) -> nn.Module:
+        return create_model(self.cfg.model.name, self.data.num_classes, self.data.input_shape[0])
+
+    def _optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
+        t = self.cfg.train
+        return torch.optim.SGD(model.parameters(), lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
+
+    def _scheduler(self, optimizer: torch.optim.Optimizer, total_steps: int) -> torch.optim.lr_scheduler.LRScheduler:
+        # Accelerate steps a prepared scheduler once per process for every optimizer step, hence the factor.
+        total = max(1, total_steps * self.accelerator.num_processes)
+        kind = self.cfg.train.scheduler
+        if kind == "cosine":
+            return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total)
+        if kind == "step":
+            return torch.optim.lr_scheduler.MultiStepLR(optimizer, [total // 2, total * 3 // 4], gamma=0.1)
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+
+    def _steps_per_epoch(self, loader: DataLoader) -> int:
+        """Optimizer steps per epoch on one process, for a loader not yet sharded by `prepare`."""
+        per_process = math.ceil(len(loader) / self.accelerator.num_processes)
+        return max(1, per_process // self.cfg.train.grad_accum_steps)
+
+    def cost(self, model: nn.Module) -> dict[str, int]:
+        c = model_cost(self.accelerator.unwrap_model(model), self.example.to(self.accelerator.device))
+        return {"params": c.params, "flops": c.flops}
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, loader: DataLoader) -> tuple[float, float]:
+        """Top-1 and top-5 (%) over the whole validation set, each sample counted once across processes."""
+        was_training = model.training
+        model.eval()
+        correct1 = correct5 = total = 0
+        for x, y in loader:
+            with self.accelerator.autocast():
+                logits = model(x)
+            logits, y = self.accelerator.gather_for_metrics((logits, y))
+            c1, c5 = _topk_correct(logits.float(), y)
+            correct1 += int(c1)
+            correct5 += int(c5)
+            total += y.numel()
+        model.train(was_training)
+        return 100.0 * correct1 / max(total, 1), 100.0 * correct5 / max(total, 1)
+
+    # ------------------------------------------------------- supervised training
+    def train_supervised(self, model: nn.Module, epochs: int, tag: str) -> nn.Module:
+        """Plain cross-entropy training (mode `train`, and the teacher of `mode: aip` when none is given)."""
+        acc = self.accelerator
+        acc.free_memory()
+        raw_train = self.train_loader()
+        optimizer = self._optimizer(model)
+        scheduler = self._scheduler(optimizer, self._steps_per_epoch(raw_train) * epochs)
+        model, optimizer, scheduler, train, val = acc.prepare(model, optimizer, scheduler, raw_train, self.val_loader())
+        step = 0
+        for epoch in range(epochs):
+            self._seed(0, epoch)
+            model.train()
+            bar = tqdm(train, desc=f"{tag} epoch {epoch + 1}/{epochs}", disable=not self.main, leave=False)
+            for x, y in bar:
+                with acc.accumulate(model):
+                    loss = F.cross_entropy(model(x), y)
+                    acc.backward(loss)
+                    optimizer.step()
+                    scheduler.step()
+                    optimizer.zero_grad(set_to_none=True)
+                step += 1
+                if step % self.cfg.train.log_every == 0:
+                    bar.set_postfix(loss=f"{loss.item():.3f}")
+                    self.log({f"{tag}/loss_ce": loss.item(), f"{tag}/lr": scheduler.get_last_lr()[0]}, step)
+            top1, top5 = self.evaluate(model, val)
+            self.log({f"{tag}/top1": top1, f"{tag}/top5": top5}, epoch + 1)
+            self.print(f"{tag} epoch {epoch + 1}/{epochs}: top-1 {top1:.2f}  top-5 {top5:.2f}")
+        model = acc.unwrap_model(model)
+        acc.free_memory()
+        return model
+
+    def save_weights(self, model: nn.Module, path: Path) -> None:
+        if self.main:
+            tmp = path.with_name(path.name + ".tmp")
+            payload = {"model": self.cfg.model.name, "num_classes": self.data.num_classes}
+            torch.save({**payload, "state_dict": model.state_dict()}, tmp)
+            tmp.replace(path)
+        self.accelerator.wait_for_everyone()
+
+    def load_weights(self, path: Path) -> nn.Module:
+        """A model of the configured family with weights from a teacher file (ours, or a bare state dict)."""
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+        state = blob.get("state_dict", blob) if isinstance(blob, dict) else blob
+        model = self.new_model()
+        try:
+            model.load_state_dict(state)
+        except (RuntimeError, TypeError) as exc:
+            first = str(exc).strip().splitlines()[0]
+            raise ConfigError(
+                f"model.teacher_checkpoint {str(path)!r} does not fit model.name={self.cfg.model.name!r} with "
+                f"{self.data.num_classes} classes: {first}"
+            ) from None
+        return model
+
+    def run_train(self) -> dict[str, Any]:
+        """`mode: train`: supervised training; writes model.pt (usable as model.teacher_checkpoint) and the report."""
+        model = self.train_supervised(self.new_model(), self.cfg.train.epochs, "train")
+        self.save_weights(model, self.run_dir / "model.pt")
+        top1, top5 = self.evaluate(model.to(self.accelerator.device), self.accelerator.prepare(self.val_loader()))
+        row = {**self.cost(model), "top1": top1, "top5": top5}
+        if self.main:
+            table = write_report(self.run_dir, row, [])
+            self.print(f"\n{table}\n\nweights: {self.run_dir / 'model.pt'}")
+        return {"teacher": row, "stages": []}
+
+    # ------------------------------------------------------------------- AIP
+    def teacher(self, source_run: Path | None = None) -> nn.Module:
+        """The frozen teacher: the configured checkpoint, this run's (or the source run's) saved one, or train one."""
+        candidates = [Path(self.cfg.model.teacher_checkpoint)] if self.cfg.model.teacher_checkpoint else []
+        candidates += [self.run_dir / TEACHER_FILE] + ([source_run / TEACHER_FILE] if source_run else [])
+        path = next((p for p in candidates if p.is_file()), None)
+        if path is not None:
+            model = self.load_weights(path)
+        else:
+            self.print(f"no teacher checkpoint: training one for {self.cfg.train.teacher_epochs} epochs")
+            model = self.train_supervised(self.new_model(), self.cfg.train.teacher_epochs, "teacher")
+            self.save_weights(model, self.run_dir / TEACHER_FILE)
+        model = model.to(self.accelerator.device).eval()
+        model.requires_grad_(False)
+        return model
+
+    def _calibrate(self, stage: int) -> Callable[[nn.Module], None]:
+        """Fill `.grad` for gradient-based criteria from fixed training batches, averaged over processes."""
+
+        def calibrate(model: nn.Module) -> None:
+            gen = torch.Generator().manual_seed(self.cfg.seed * 7 + stage)
+            loader = DataLoader(self.data.train, batch_size=self.cfg.data.batch_size, shuffle=True, generator=gen)
+            device = self.accelerator.device
+            for i, (x, y) in enumerate(loader):
+                if i == self.cfg.prune.calibration_batches:
+                    break
+                F.cross_entropy(model(x.to(device)), y.to(device)).backward()
+            for p in model.parameters():
+                if p.grad is not None:
+                    p.grad = self.accelerator.reduce(p.grad, "mean")
+
+        return calibrate
+
+    def _check_same_architecture(self, model: nn.Module, stage: int) -> None:
+        digest = architecture_hash(model)
+        if self.accelerator.num_processes == 1:
+            return
+        codes = torch.tensor([int(digest, 16) % (1 << 62)], device=self.accelerator.device)
+        gathered = self.accelerator.gather(codes)
+        if (gathered != gathered[0]).any():
+            raise RankMismatchError(
+                f"stage {stage}: processes pruned different channels (architecture digests {gathered.tolist()}); "
+                "use a deterministic criterion or reduce its statistics across processes"
+            )
+
+    def _recover(
+        self,
+        stage: Stage,
+        student: nn.Module,
+        teacher: nn.Module,
+        disc: nn.Module,
+        taps: list[str],
+    ) -> nn.Module:
+        """Train the student against the teacher and the discriminator for the stage's epochs."""
+        acc, cfg = self.accelerator, self.cfg
+        acc.free_memory()
+        raw_train = self.train_loader()
+        opt_s = self._optimizer(student)
+        opt_d = torch.optim.Adam(disc.parameters(), lr=cfg.disc.lr, betas=(cfg.disc.beta1, cfg.disc.beta2))
+        sched = self._scheduler(opt_s, self._steps_per_epoch(raw_train) * stage.epochs)
+        student_p, disc_p, opt_s, opt_d, sched, train = acc.prepare(student, disc, opt_s, opt_d, sched, raw_train)
+        disc_params = list(disc.parameters())
+        w = cfg.loss
+        use_adv = w.adv.weight > 0
+        with FeatureTaps(teacher, taps) as t_taps, FeatureTaps(student, taps) as s_taps:
+            for epoch in range(stage.epochs):
+                self._seed(stage.index, epoch)
+                student_p.train()
+                disc_p.train()
+                bar = tqdm(train, desc=f"stage {stage.index} epoch {epoch + 1}/{stage.epochs}", disable=not self.main)
+                for x, y in bar:
+                    with torch.no_grad(), acc.autocast():
+                        t_logits = teacher(x)
+                    t_feats = list(t_taps.outputs)
+                    with acc.accumulate(student_p, disc_p):
+                        s_logits = student_p(x)
+                        s_feats = list(s_taps.outputs)
+                        terms: dict[str, torch.Tensor] = {}
+                        if use_adv:  # discriminator step: teacher outputs are real, student outputs fake
+                            d_out = disc_p(torch.cat([t_logits.detach(), s_logits.detach()]).float())
+                            terms["loss_d"] = discriminator_loss(d_out[: len(x)], d_out[len(x) :])
+                            acc.backward(terms["loss_d"])
+                            opt_d.step()
+                            opt_d.zero_grad(set_to_none=True)
+                        terms["loss_ce"] = F.cross_entropy(s_logits.float(), y)
+                        terms["loss_kd"] = kd_loss(s_logits.float(), t_logits.float(), w.kd.temperature, w.kd.kind)
+                        terms["loss_at"] = attention_loss(s_feats, t_feats) if w.at.weight > 0 else x.new_zeros(())
+                        if use_adv:  # student step through the bare discriminator, its weights fixed
+                            for p in disc_params:
+                                p.requires_grad_(False)
+                            terms["loss_adv"] = adversarial_loss(disc(s_logits.float()))
+                            for p in disc_params:
+                                p.requires_grad_(True)
+                        loss = (
+                            w.ce.weight * terms["loss_ce"]
+                            + w.kd.weight * terms["loss_kd"]
+                            + w.at.weight * terms["loss_at"]
+                            + (w.adv.weight * terms["loss_adv"] if use_adv else 0.0)
+                        )
+                        acc.backward(loss)
+                        opt_s.step()
+                        sched.step()
+                        opt_s.zero_grad(set_to_none=True)
+                    self.state.global_step += 1
+                    if self.state.global_step % cfg.train.log_every == 0:
+                        values = {k: v.item() for k, v in terms.items()}
+                        values["loss"] = loss.item()
+                        bar.set_postfix(loss=f"{values['loss']:.3f}", ce=f"{values['loss_ce']:.3f}")
+                        self.log({f"train/{k}": v for k, v in values.items()}, self.state.global_step)
+                        self.log({"train/lr": sched.get_last_lr()[0]}, self.state.global_step)
+        return student_p
+
+    def run_aip(self, resume: Path | None = None, branch: Path | None = None) -> dict[str, Any]:
+        """`mode: aip`: prune interval by interval, recovering with adversarial distillation; report and export."""
+        acc, cfg = self.accelerator, self.cfg
+        source = resume or branch
+        source_run = source.parent.parent if source is not None else None
+        if branch is not None and self.main:
+            copy_teacher(source_run, self.run_dir)
+        acc.wait_for_everyone()
+        teacher = self.teacher(source_run)
+        student = copy.deepcopy(teacher).requires_grad_(True).train()
+        disc = Discriminator(self.data.num_classes, cfg.disc.hidden, cfg.disc.input).to(acc.device)
+        example = self.example.to(acc.device)
+        pruner = ChannelPruner(student, example, [classifier_of(student)], cfg.prune.max_layer_ratio)
+        taps = cfg.model.taps or default_taps(student, cfg.model.name)
+        base = self.cost(student)
+        metric = "flops" if cfg.prune.target_flops_ratio is not None else "params"
+        stages = plan_stages(cfg)
+        val = acc.prepare_data_loader(self.val_loader())
+
+        if source is not None:
+            history, meta = ckpt.read(source)
+            pruner.replay(history)
+            self.state = RunState(**meta["state"])
+            if branch is not None:  # weights only; a new run with its own schedule from the next stage on
+                student.load_state_dict(load_file(str(source / ckpt.STATE_DIR / "model.safetensors")))
+                self.state.global_step = 0
+            self.print(f"{'resumed' if resume else 'branched'} from {source} after stage {self.state.stage}")
+        if not self.state.teacher:
+            top1, top5 = self.evaluate(teacher, val)
+            self.state.teacher = {**base, "top1": top1, "top5": top5}
+        importance = create_importance(cfg.prune.criterion)
+
+        if resume is not None:  # optimizer, scheduler and RNG states come back through Accelerate
+            acc.free_memory()
+            prepared = acc.prepare(student, disc, *self._stage_optimizers(student, disc, stages, self.state.stage))
+            acc.load_state(str(source / ckpt.STATE_DIR))
+            student, disc = acc.unwrap_model(prepared[0]), acc.unwrap_model(prepared[1])
+
+        for stage in stages:
+            if stage.index <= self.state.stage:
+                continue
+            self._seed(stage.index, -1)
+            student = acc.unwrap_model(student)
+            if stage.target is not None:
+                started = time.perf_counter()
+                log = pruner.prune_to(stage.target * base[metric], metric, importance, self._calibrate(stage.index))
+                self._check_same_architecture(student, stage.index)
+                entry = {
+                    "stage": stage.index,
+                    "criterion": cfg.prune.criterion,
+                    "metric": metric,
+                    "ratio_before": log.cost_before / base[metric],
+                    "ratio_after": log.cost_after / base[metric],
+                    "target_ratio": stage.target,
+                    "steps": log.steps,
+                    "seconds": time.perf_counter() - started,
+                    "widths": log.widths_after,
+                }
+                self.state.pruning_log.append(entry)
+                self.print(
+                    f"stage {stage.index}: pruned ({cfg.prune.criterion}) {metric} "
+                    f"{entry['ratio_before']:.3f} -> {entry['ratio_after']:.3f} of the teacher "
+                    f"(target {stage.target:.3f})"
+                )
+            prepared_student = self._recover(stage, student, teacher, disc, taps)
+            top1, top5 = self.evaluate(prepared_student, val)
+            row = {"stage": stage.index, "kind": stage.kind, **self.cost(student), "top1": top1, "top5": top5}
+            self.state.rows.append(row)
+            self.state.stage = stage.index
+            self.log({"stage/top1": top1, "stage/top5": top5, "stage/params": row["params"]}, stage.index)
+            self.log({"stage/flops": row["flops"]}, stage.index)
+            self.print(
+                f"stage {stage.index} ({stage.kind}): top-1 {top1:.2f}  top-5 {top5:.2f}  "
+                f"FLOPs {row['flops'] / base['flops']:.3f}  params {row['params'] / base['params']:.3f}"
+            )
+            self._save_stage(stage.index, pruner)
+
+        student = acc.unwrap_model(student)
+        acc.free_memory()
+        if self.main:
+            table = write_report(self.run_dir, self.state.teacher, self.state.rows)
+            (self.run_dir / "pruning_log.json").write_text(json.dumps(self.state.pruning_log, indent=1))
+            export_model(student, self.example, self.run_dir / "model_pruned.pt2")
+            self.print(f"\n{table}\n\nrun directory: {self.run_dir}")
+        acc.wait_for_everyone()
+        if self.writer is not None:
+            self.writer.close()
+        return {"teacher": self.state.teacher, "stages": self.state.rows}
+
+    def _stage_optimizers(self, student: nn.Module, disc: nn.Module, stages: list[Stage], done: int) -> list[Any]:
+        """Optimizers and scheduler shaped like those saved at the end of stage `done`, for load_state."""
+        cfg = self.cfg
+        epochs = next((s.epochs for s in stages if s.index == done), 1)
+        opt_s = self._optimizer(student)
+        opt_d = torch.optim.Adam(disc.parameters(), lr=cfg.disc.lr, betas=(cfg.disc.beta1, cfg.disc.beta2))
+        sched = self._scheduler(opt_s, self._steps_per_epoch(self.train_loader()) * max(epochs, 1))
+        return [opt_s, opt_d, sched]
+
+    def _save_stage(self, index: int, pruner: ChannelPruner) -> None:
+        acc = self.accelerator
+        tmp = ckpt.begin(self.run_dir, index) if self.main else None
+        acc.wait_for_everyone()
+        state_dir = ckpt.stage_dir(self.run_dir, index).with_name(f".stage-{index:02d}.tmp") / ckpt.STATE_DIR
+        acc.save_state(str(state_dir))
+        acc.wait_for_everyone()
+        if self.main:
+            meta = {"stage": index, "state": self.state.__dict__, "config": self.cfg.to_dict()}
+            ckpt.commit(tmp, self.run_dir, index, pruner.history(), meta)
+            ckpt.prune_old(self.run_dir, self.cfg.checkpoint.keep)
+        acc.wait_for_everyone()
+
+
+def copy_teacher(source_run: Path, run_dir: Path) -> None:
+    """Give a branched run its own copy of the source run's teacher, so it stands alone."""
+    src = source_run / TEACHER_FILE
+    if src.is_file() and not (run_dir / TEACHER_FILE).exists():
+        run_dir.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(src, run_dir / TEACHER_FILE)

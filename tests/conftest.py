@@ -1,0 +1,49 @@
+"""Shared fixtures: seeded RNGs and small run configs on synthetic data."""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+import pytest
+import torch
+
+
+@pytest.fixture(autouse=True)
+def _seed() -> None:
+    random.seed(0)
+    torch.manual_seed(0)
+
+
+def tiny_run(**overrides: Any) -> dict[str, Any]:
+    """A config dict for a seconds-long AIP run: ResNet-8 on 16x16 synthetic images, 2 intervals to 60% FLOPs."""
+    cfg: dict[str, Any] = {
+        "mode": "aip",
+        "seed": 0,
+        "name": "tiny",
+        "model": {"name": "cifar_resnet8"},
+        "data": {
+            "name": "synthetic",
+            "num_classes": 4,
+            "image_size": 16,
+            "train_size": 256,
+            "val_size": 128,
+            "batch_size": 32,
+            "eval_batch_size": 128,
+        },
+        "train": {"teacher_epochs": 2, "lr": 0.05, "log_every": 2},
+        "prune": {
+            "criterion": "l1",
+            "target_flops_ratio": 0.6,
+            "intervals": 2,
+            "epochs_between": 1,
+            "finetune_epochs": 1,
+        },
+    }
+    for key, value in overrides.items():
+        node = cfg
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = value
+    return cfg

@@ -1,0 +1,72 @@
+"""Checkpoint files: atomic commit, manifest checks, damaged ones skipped, the stage table written."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from aip import checkpoint as ckpt
+from aip.report import write_report
+
+
+def _write(run_dir: Path, stage: int, payload: bytes = b"weights") -> Path:
+    tmp = ckpt.begin(run_dir, stage)
+    (tmp / ckpt.STATE_DIR).mkdir()
+    (tmp / ckpt.STATE_DIR / "model.safetensors").write_bytes(payload * 100)
+    return ckpt.commit(tmp, run_dir, stage, [["conv", True, [1, 2]]], {"stage": stage})
+
+
+def test_commit_writes_a_verified_checkpoint_and_no_temporary_is_left(tmp_path: Path) -> None:
+    path = _write(tmp_path, 1)
+    assert path == tmp_path / "checkpoints" / "stage-01"
+    assert ckpt.verify(path) is None
+    history, meta = ckpt.read(path)
+    assert history == [["conv", True, [1, 2]]] and meta == {"stage": 1}
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["stage-01"]
+
+
+def test_truncated_newest_checkpoint_is_skipped_for_the_previous_one(tmp_path: Path) -> None:
+    _write(tmp_path, 1)
+    newest = _write(tmp_path, 2)
+    weights = newest / ckpt.STATE_DIR / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:50])
+    with pytest.warns(UserWarning, match="stage-02.*bytes"):
+        assert ckpt.latest_valid(tmp_path) == tmp_path / "checkpoints" / "stage-01"
+    with pytest.raises(ckpt.CheckpointError, match="damaged"):
+        ckpt.read(newest)
+
+
+def test_corrupted_bytes_of_the_same_size_are_detected(tmp_path: Path) -> None:
+    path = _write(tmp_path, 1)
+    weights = path / ckpt.STATE_DIR / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[10] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    assert "checksum" in ckpt.verify(path)
+
+
+def test_an_unfinished_write_is_never_picked(tmp_path: Path) -> None:
+    _write(tmp_path, 1)
+    tmp = ckpt.begin(tmp_path, 2)  # a crash here leaves only the temporary directory
+    (tmp / "meta.json").write_text("{}")
+    assert ckpt.latest_valid(tmp_path) == tmp_path / "checkpoints" / "stage-01"
+
+
+def test_rewriting_a_stage_replaces_it_whole_and_keep_prunes_old_ones(tmp_path: Path) -> None:
+    for stage in (1, 2, 3):
+        _write(tmp_path, stage)
+    _write(tmp_path, 3, b"other")
+    assert ckpt.verify(ckpt.stage_dir(tmp_path, 3)) is None
+    ckpt.prune_old(tmp_path, keep=2)
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == ["stage-02", "stage-03"]
+
+
+def test_report_json_and_markdown(tmp_path: Path) -> None:
+    teacher = {"params": 1000, "flops": 4_000_000, "top1": 90.0, "top5": 99.0}
+    stages = [{"stage": 1, "kind": "prune", "params": 600, "flops": 2_000_000, "top1": 88.5, "top5": 98.0}]
+    table = write_report(tmp_path, teacher, stages)
+    assert json.loads((tmp_path / "report.json").read_text()) == {"teacher": teacher, "stages": stages}
+    assert "| 1 | prune | 600 | 2.00M | 88.50 | 98.00 | 0.600 | 0.500 | -1.50 |" in table
+    assert table in (tmp_path / "report.md").read_text()

@@ -1,0 +1,75 @@
+"""Config loading, overrides and the one-line errors for bad values."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from aip.config import ConfigError, config_from_dict, load_config, parse_overrides, save_config
+
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+
+
+def test_debug_config_loads_and_takes_overrides() -> None:
+    cfg = load_config(CONFIGS / "debug.yaml", ["train.lr=0.01", "prune.target_flops_ratio=0.4", "prune.intervals=2"])
+    assert cfg.name == "debug"
+    assert cfg.train.lr == pytest.approx(0.01)
+    assert cfg.prune.target_flops_ratio == pytest.approx(0.4)
+    assert cfg.prune.intervals == 2
+    assert cfg.model.name == "cifar_resnet20"
+
+
+def test_parse_overrides_nests_and_parses_yaml_scalars() -> None:
+    assert parse_overrides(["a.b=1", "a.c=x", "d=null", "e=[1, 2]"]) == {
+        "a": {"b": 1, "c": "x"},
+        "d": None,
+        "e": [1, 2],
+    }
+
+
+def test_resolved_config_round_trips(tmp_path: Path) -> None:
+    cfg = load_config(CONFIGS / "debug.yaml", ["loss.at.weight=2"])
+    save_config(cfg, tmp_path / "config.yaml")
+    again = load_config(tmp_path / "config.yaml")
+    assert again == cfg
+
+
+@pytest.mark.parametrize(
+    ("overrides", "fragment"),
+    [
+        (["train.lrr=0.1"], "unknown key 'train.lrr'"),
+        (["train.lr=fast"], "train.lr: expected a number"),
+        (["prune.intervals=2.5"], "prune.intervals: expected an integer"),
+        (["prune.target_flops_ratio=1.5"], "prune.target_flops_ratio: must lie in (0, 1)"),
+        (["prune.target_flops_ratio=0"], "prune.target_flops_ratio: must lie in (0, 1)"),
+        (["model.name=resnet9000"], "model.name: unknown model 'resnet9000'"),
+        (["prune.criterion=magic"], "prune.criterion: 'magic' is not allowed; choose one of: "),
+        (["data.name=mnist2"], "data.name: 'mnist2' is not allowed"),
+        (["data.name=cifar10", "data.root=/no/such/dir"], "data.root"),
+        (["data.name=cifar10"], "data.root"),
+        (["mode=distill"], "mode: 'distill' is not allowed; choose one of: aip, train"),
+        (["train.lr=-1"], "train.lr: must be > 0"),
+        (["model.teacher_checkpoint=/no/such.pt"], "model.teacher_checkpoint: no file"),
+        (["prune.target_params_ratio=0.5"], "set exactly one of target_flops_ratio and target_params_ratio"),
+        (["bogus"], "expected key=value"),
+    ],
+)
+def test_bad_values_give_one_line_naming_the_key(overrides: list[str], fragment: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(CONFIGS / "debug.yaml", overrides)
+    message = str(info.value)
+    assert fragment in message
+    assert "\n" not in message
+
+
+def test_unknown_section_and_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="unknown key 'optim'; allowed here: mode, seed"):
+        config_from_dict({"optim": {"lr": 1}})
+    with pytest.raises(ConfigError, match="no such file"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump([1, 2]))
+    with pytest.raises(ConfigError, match="top level must be a mapping"):
+        load_config(bad)
