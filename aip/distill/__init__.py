@@ -1,0 +1,1 @@
+"""Knowledge transfer from the teacher: feature taps, attention transfer, output and adversarial losses."""
