@@ -125,6 +125,17 @@ class Synthetic:
         return DataBundle(TensorImages(train_x, train_y, flip), TensorImages(val_x, val_y), cfg.num_classes, (3, s, s))
 
 
+def _torchvision_pair(tv_class: type, cfg: DataConfig) -> tuple[Dataset, Dataset]:
+    """Train and test splits of a torchvision data set; missing or damaged files become one ConfigError line."""
+    try:
+        return tuple(tv_class(str(cfg.root), train=t, download=cfg.download) for t in (True, False))
+    except (RuntimeError, OSError) as exc:
+        raise ConfigError(
+            f"data.root: the {cfg.name} files under {cfg.root!r} cannot be read ({exc}); fix them, or set "
+            "data.download=true"
+        ) from None
+
+
 def _decode_folder(root: Path) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
     """Decode an ImageFolder tree of equal-sized images once into a uint8 tensor, cached on disk by path."""
     key = hashlib.sha256(str(root.resolve()).encode()).hexdigest()[:16]
@@ -179,8 +190,7 @@ class _Cifar:
             return DataBundle(
                 TensorImages(tx, ty, train_t), TensorImages(vx, vy, val_t), len(classes), tuple(tx.shape[1:])
             )
-        train = cls.tv_class(str(root), train=True, download=cfg.download)
-        val = cls.tv_class(str(root), train=False, download=cfg.download)
+        train, val = _torchvision_pair(cls.tv_class, cfg)
         to_chw = lambda a: torch.from_numpy(a).permute(0, 3, 1, 2).contiguous()  # noqa: E731
         return DataBundle(
             TensorImages(to_chw(train.data), torch.tensor(train.targets), train_t),
@@ -220,8 +230,7 @@ class FashionMNIST:
     def build(cls, cfg: DataConfig) -> DataBundle:
         norm = [v2.ToDtype(torch.float32, scale=True), v2.Normalize((0.2860,), (0.3530,))]
         aug = [v2.RandomCrop(28, padding=2), v2.RandomHorizontalFlip()] if cfg.augment else []
-        train = datasets.FashionMNIST(cfg.root, train=True, download=cfg.download)
-        val = datasets.FashionMNIST(cfg.root, train=False, download=cfg.download)
+        train, val = _torchvision_pair(datasets.FashionMNIST, cfg)
         return DataBundle(
             TensorImages(train.data[:, None], train.targets, v2.Compose([*aug, *norm])),
             TensorImages(val.data[:, None], val.targets, v2.Compose(norm)),

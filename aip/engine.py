@@ -45,6 +45,9 @@ from aip.prune.schedule import interval_targets
 from aip.report import write_report
 
 TEACHER_FILE = "teacher.pt"
+# With no accelerator present, tell Accelerate so: then several launched processes form a gloo group on the CPU
+# (`accelerate launch --multi_gpu --num_processes 2` or torchrun), where otherwise each would run alone.
+CPU_ONLY = not torch.accelerator.is_available()
 
 
 class RankMismatchError(RuntimeError):
@@ -101,7 +104,9 @@ class Engine:
         self.cfg = cfg
         self.run_dir = Path(run_dir)
         self.accelerator = Accelerator(
-            mixed_precision=cfg.train.mixed_precision, gradient_accumulation_steps=cfg.train.grad_accum_steps
+            cpu=CPU_ONLY,
+            mixed_precision=cfg.train.mixed_precision,
+            gradient_accumulation_steps=cfg.train.grad_accum_steps,
         )
         self.main = self.accelerator.is_main_process
         if self.main:

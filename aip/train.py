@@ -96,7 +96,9 @@ def main(argv: list[str] | None = None) -> int:
         cfg, run_dir, resume, branch = _resolve(args)
         if run_dir is None:
             run_dir = Path(args.out or cfg.out or f"runs/{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}")
-            state = PartialState()
+            from aip.engine import CPU_ONLY
+
+            state = PartialState(cpu=CPU_ONLY)
             if state.num_processes > 1:  # every rank must write into the directory rank 0 named
                 box = [str(run_dir)]
                 broadcast_object_list(box)
