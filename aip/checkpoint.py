@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import warnings
 from pathlib import Path
@@ -18,14 +19,22 @@ from typing import Any
 
 MANIFEST = "manifest.json"
 STATE_DIR = "state"
+_NAME = re.compile(r"stage-(\d+)(?:-step-(\d+))?")
 
 
 class CheckpointError(RuntimeError):
     """No usable checkpoint where one was asked for."""
 
 
-def stage_dir(run_dir: Path, stage: int) -> Path:
-    return Path(run_dir) / "checkpoints" / f"stage-{stage:02d}"
+def stage_dir(run_dir: Path, stage: int, step: int | None = None) -> Path:
+    """`stage-NN` for the end of a stage; `stage-NN-step-SSSSSSSS` for a checkpoint in the middle of stage NN."""
+    name = f"stage-{stage:02d}" + (f"-step-{step:08d}" if step is not None else "")
+    return Path(run_dir) / "checkpoints" / name
+
+
+def _order(path: Path) -> tuple[int, int]:
+    stage, step = _NAME.fullmatch(path.name).groups()
+    return int(stage), -1 if step is None else int(step)
 
 
 def _sha256(path: Path) -> str:
@@ -66,21 +75,30 @@ def verify(root: Path) -> str | None:
     return None
 
 
-def begin(run_dir: Path, stage: int) -> Path:
-    """A fresh temporary directory beside the final one, for the checkpoint of `stage` to be written into."""
-    tmp = stage_dir(run_dir, stage).with_name(f".stage-{stage:02d}.tmp")
+def temporary(run_dir: Path, stage: int, step: int | None = None) -> Path:
+    """Where the checkpoint is written before `commit` renames it into place."""
+    final = stage_dir(run_dir, stage, step)
+    return final.with_name(f".{final.name}.tmp")
+
+
+def begin(run_dir: Path, stage: int, step: int | None = None) -> Path:
+    """A fresh temporary directory beside the final one, for the checkpoint to be written into."""
+    tmp = temporary(run_dir, stage, step)
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
     return tmp
 
 
-def commit(tmp: Path, run_dir: Path, stage: int, history: list, meta: dict[str, Any]) -> Path:
-    """Add history, meta and manifest to the temporary directory, then rename it into place atomically."""
+def commit(tmp: Path, run_dir: Path, stage: int, history: list, meta: dict[str, Any], step: int | None = None) -> Path:
+    """Add history, meta and manifest to the temporary directory, then rename it into place atomically.
+
+    Mid-stage checkpoints older than the new one are removed afterwards: only the newest is worth resuming from.
+    """
     (tmp / "history.json").write_text(json.dumps(history))
     (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
     write_manifest(tmp)
-    final = stage_dir(run_dir, stage)
+    final = stage_dir(run_dir, stage, step)
     if final.exists():  # a stage re-run after a resume: move the old one aside, never write into it
         old = final.with_name(final.name + ".old")
         shutil.rmtree(old, ignore_errors=True)
@@ -89,23 +107,26 @@ def commit(tmp: Path, run_dir: Path, stage: int, history: list, meta: dict[str, 
         shutil.rmtree(old)
     else:
         os.replace(tmp, final)
+    for path in list_checkpoints(run_dir):
+        if path != final and "-step-" in path.name and _order(path) < _order(final):
+            shutil.rmtree(path, ignore_errors=True)
     return final
 
 
 def prune_old(run_dir: Path, keep: int) -> None:
-    """Delete all but the newest `keep` stage checkpoints (keep 0: delete none)."""
+    """Delete all but the newest `keep` end-of-stage checkpoints (keep 0: delete none)."""
     if keep <= 0:
         return
-    for path in list_checkpoints(run_dir)[:-keep]:
+    for path in [p for p in list_checkpoints(run_dir) if "-step-" not in p.name][:-keep]:
         shutil.rmtree(path)
 
 
 def list_checkpoints(run_dir: Path) -> list[Path]:
-    """Stage checkpoint directories of a run, oldest first (damaged ones included)."""
+    """Checkpoint directories of a run, oldest first (damaged ones included; temporaries not)."""
     root = Path(run_dir) / "checkpoints"
     if not root.is_dir():
         return []
-    return sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("stage-") and p.name[6:].isdigit())
+    return sorted((p for p in root.iterdir() if p.is_dir() and _NAME.fullmatch(p.name)), key=_order)
 
 
 def latest_valid(run_dir: Path) -> Path | None:

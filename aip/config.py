@@ -108,7 +108,9 @@ class DiscriminatorConfig:
 
 @dataclass
 class CheckpointConfig:
-    keep: int = 0  # stage checkpoints to keep (0: all)
+    keep: int = 0  # end-of-stage checkpoints to keep (0: all)
+    # Also checkpoint every N optimizer steps inside a stage (only the newest such one is kept); none: stage ends only.
+    every_n_steps: int | None = None
 
 
 @dataclass
@@ -318,6 +320,8 @@ def validate(cfg: Config) -> None:
     if not cfg.disc.hidden or any(h <= 0 for h in cfg.disc.hidden):
         raise ConfigError(f"disc.hidden: a non-empty list of positive widths, got {cfg.disc.hidden}")
     _positive("checkpoint.keep", cfg.checkpoint.keep, zero_ok=True)
+    if cfg.checkpoint.every_n_steps is not None:
+        _positive("checkpoint.every_n_steps", cfg.checkpoint.every_n_steps)
     if cfg.model.teacher_checkpoint is not None and not Path(cfg.model.teacher_checkpoint).is_file():
         raise ConfigError(
             f"model.teacher_checkpoint: no file at {cfg.model.teacher_checkpoint!r}; give a local path, "

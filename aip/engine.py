@@ -88,7 +88,7 @@ def plan_stages(cfg: Config) -> list[Stage]:
 def architecture_hash(model: nn.Module) -> str:
     """A digest of every parameter and buffer name and shape: equal iff two models have the same architecture."""
     shapes = [(n, tuple(t.shape)) for n, t in list(model.named_parameters()) + list(model.named_buffers())]
-    return hashlib.sha256(repr(shapes).encode()).hexdigest()[:16]
+    return format(int(hashlib.sha256(repr(shapes).encode()).hexdigest()[:15], 16), "x")
 
 
 def _topk_correct(logits: torch.Tensor, labels: torch.Tensor, ks: tuple[int, ...] = (1, 5)) -> list[torch.Tensor]:
@@ -292,17 +292,19 @@ class Engine:
 
         return calibrate
 
-    def _check_same_architecture(self, model: nn.Module, stage: int) -> None:
+    def _check_same_architecture(self, model: nn.Module, stage: int) -> list[str]:
+        """Every process's architecture digest after a prune; stops the run if they differ."""
         digest = architecture_hash(model)
         if self.accelerator.num_processes == 1:
-            return
+            return [digest]
         codes = torch.tensor([int(digest, 16) % (1 << 62)], device=self.accelerator.device)
-        gathered = self.accelerator.gather(codes)
-        if (gathered != gathered[0]).any():
+        gathered = [format(int(c), "x") for c in self.accelerator.gather(codes)]
+        if len(set(gathered)) > 1:
             raise RankMismatchError(
-                f"stage {stage}: processes pruned different channels (architecture digests {gathered.tolist()}); "
+                f"stage {stage}: processes pruned different channels (architecture digests {gathered}); "
                 "use a deterministic criterion or reduce its statistics across processes"
             )
+        return gathered
 
     def _recover(
         self,
@@ -311,25 +313,36 @@ class Engine:
         teacher: nn.Module,
         disc: nn.Module,
         taps: list[str],
+        pruner: ChannelPruner,
+        restore: Path | None = None,
+        start: tuple[int, int] = (0, 0),
     ) -> nn.Module:
-        """Train the student against the teacher and the discriminator for the stage's epochs."""
+        """Train the student against the teacher and the discriminator for the stage's epochs.
+
+        With `restore` (a mid-stage checkpoint), optimizer and scheduler states come back and training goes on at
+        `start` = (epoch, batches done): that epoch is re-seeded and its first batches are drawn and dropped, so the
+        data and the random augmentations continue as in an unbroken run.
+        """
         acc, cfg = self.accelerator, self.cfg
         acc.free_memory()
-        raw_train = self.train_loader()
-        opt_s = self._optimizer(student)
-        opt_d = torch.optim.Adam(disc.parameters(), lr=cfg.disc.lr, betas=(cfg.disc.beta1, cfg.disc.beta2))
-        sched = self._scheduler(opt_s, self._steps_per_epoch(raw_train) * stage.epochs)
-        student_p, disc_p, opt_s, opt_d, sched, train = acc.prepare(student, disc, opt_s, opt_d, sched, raw_train)
+        student_p, disc_p, opt_s, opt_d, sched, train = acc.prepare(
+            student, disc, *self._stage_optimizers(student, disc, stage.epochs), self.train_loader()
+        )
+        if restore is not None:
+            acc.load_state(str(restore / ckpt.STATE_DIR))
         disc_params = list(disc.parameters())
         w = cfg.loss
         use_adv = w.adv.weight > 0
+        every = cfg.checkpoint.every_n_steps
         with FeatureTaps(teacher, taps) as t_taps, FeatureTaps(student, taps) as s_taps:
-            for epoch in range(stage.epochs):
+            for epoch in range(start[0], stage.epochs):
                 self._seed(stage.index, epoch)
                 student_p.train()
                 disc_p.train()
                 bar = tqdm(train, desc=f"stage {stage.index} epoch {epoch + 1}/{stage.epochs}", disable=not self.main)
-                for x, y in bar:
+                for batch, (x, y) in enumerate(bar):
+                    if epoch == start[0] and batch < start[1]:
+                        continue  # seen before the checkpoint this run resumed from
                     with torch.no_grad(), acc.autocast():
                         t_logits = teacher(x)
                     t_feats = list(t_taps.outputs)
@@ -369,6 +382,9 @@ class Engine:
                         bar.set_postfix(loss=f"{values['loss']:.3f}", ce=f"{values['loss_ce']:.3f}")
                         self.log({f"train/{k}": v for k, v in values.items()}, self.state.global_step)
                         self.log({"train/lr": sched.get_last_lr()[0]}, self.state.global_step)
+                    if every and acc.sync_gradients and self.state.global_step % every == 0:
+                        partial = {"stage": stage.index, "epoch": epoch, "batch": batch + 1}
+                        self._save(stage.index, pruner, step=self.state.global_step, partial=partial)
         return student_p
 
     def run_aip(self, resume: Path | None = None, branch: Path | None = None) -> dict[str, Any]:
@@ -390,10 +406,12 @@ class Engine:
         stages = plan_stages(cfg)
         val = acc.prepare_data_loader(self.val_loader())
 
+        partial = None
         if source is not None:
             history, meta = ckpt.read(source)
             pruner.replay(history)
             self.state = RunState(**meta["state"])
+            partial = meta.get("partial") if resume is not None else None
             if branch is not None:  # weights only; a new run with its own schedule from the next stage on
                 student.load_state_dict(load_file(str(source / ckpt.STATE_DIR / "model.safetensors")))
                 self.state.global_step = 0
@@ -403,21 +421,22 @@ class Engine:
             self.state.teacher = {**base, "top1": top1, "top5": top5}
         importance = create_importance(cfg.prune.criterion)
 
-        if resume is not None:  # optimizer, scheduler and RNG states come back through Accelerate
+        if resume is not None and partial is None:  # weights, optimizer and RNG states come back via Accelerate
             acc.free_memory()
-            prepared = acc.prepare(student, disc, *self._stage_optimizers(student, disc, stages, self.state.stage))
+            epochs = next((s.epochs for s in stages if s.index == self.state.stage), 1)
+            acc.prepare(student, disc, *self._stage_optimizers(student, disc, epochs))
             acc.load_state(str(source / ckpt.STATE_DIR))
-            student, disc = acc.unwrap_model(prepared[0]), acc.unwrap_model(prepared[1])
 
         for stage in stages:
             if stage.index <= self.state.stage:
                 continue
             self._seed(stage.index, -1)
             student = acc.unwrap_model(student)
-            if stage.target is not None:
+            resuming_here = partial is not None and partial["stage"] == stage.index
+            if stage.target is not None and not resuming_here:
                 started = time.perf_counter()
                 log = pruner.prune_to(stage.target * base[metric], metric, importance, self._calibrate(stage.index))
-                self._check_same_architecture(student, stage.index)
+                digests = self._check_same_architecture(student, stage.index)
                 entry = {
                     "stage": stage.index,
                     "criterion": cfg.prune.criterion,
@@ -428,6 +447,7 @@ class Engine:
                     "steps": log.steps,
                     "seconds": time.perf_counter() - started,
                     "widths": log.widths_after,
+                    "architecture_per_process": digests,
                 }
                 self.state.pruning_log.append(entry)
                 self.print(
@@ -435,7 +455,16 @@ class Engine:
                     f"{entry['ratio_before']:.3f} -> {entry['ratio_after']:.3f} of the teacher "
                     f"(target {stage.target:.3f})"
                 )
-            prepared_student = self._recover(stage, student, teacher, disc, taps)
+            prepared_student = self._recover(
+                stage,
+                student,
+                teacher,
+                disc,
+                taps,
+                pruner,
+                restore=source if resuming_here else None,
+                start=(partial["epoch"], partial["batch"]) if resuming_here else (0, 0),
+            )
             top1, top5 = self.evaluate(prepared_student, val)
             row = {"stage": stage.index, "kind": stage.kind, **self.cost(student), "top1": top1, "top5": top5}
             self.state.rows.append(row)
@@ -446,7 +475,7 @@ class Engine:
                 f"stage {stage.index} ({stage.kind}): top-1 {top1:.2f}  top-5 {top5:.2f}  "
                 f"FLOPs {row['flops'] / base['flops']:.3f}  params {row['params'] / base['params']:.3f}"
             )
-            self._save_stage(stage.index, pruner)
+            self._save(stage.index, pruner)
 
         student = acc.unwrap_model(student)
         acc.free_memory()
@@ -460,25 +489,28 @@ class Engine:
             self.writer.close()
         return {"teacher": self.state.teacher, "stages": self.state.rows}
 
-    def _stage_optimizers(self, student: nn.Module, disc: nn.Module, stages: list[Stage], done: int) -> list[Any]:
-        """Optimizers and scheduler shaped like those saved at the end of stage `done`, for load_state."""
+    def _stage_optimizers(self, student: nn.Module, disc: nn.Module, epochs: int) -> list[Any]:
+        """Fresh student and discriminator optimizers and the student's lr schedule for a stage of `epochs`."""
         cfg = self.cfg
-        epochs = next((s.epochs for s in stages if s.index == done), 1)
         opt_s = self._optimizer(student)
         opt_d = torch.optim.Adam(disc.parameters(), lr=cfg.disc.lr, betas=(cfg.disc.beta1, cfg.disc.beta2))
         sched = self._scheduler(opt_s, self._steps_per_epoch(self.train_loader()) * max(epochs, 1))
         return [opt_s, opt_d, sched]
 
-    def _save_stage(self, index: int, pruner: ChannelPruner) -> None:
+    def _save(
+        self, stage: int, pruner: ChannelPruner, step: int | None = None, partial: dict[str, int] | None = None
+    ) -> None:
+        """Checkpoint the end of `stage` or, with `step` and `partial`, a point inside it; rank 0 writes the files."""
         acc = self.accelerator
-        tmp = ckpt.begin(self.run_dir, index) if self.main else None
+        tmp = ckpt.begin(self.run_dir, stage, step) if self.main else None
         acc.wait_for_everyone()
-        state_dir = ckpt.stage_dir(self.run_dir, index).with_name(f".stage-{index:02d}.tmp") / ckpt.STATE_DIR
-        acc.save_state(str(state_dir))
+        acc.save_state(str(ckpt.temporary(self.run_dir, stage, step) / ckpt.STATE_DIR))
         acc.wait_for_everyone()
         if self.main:
-            meta = {"stage": index, "state": self.state.__dict__, "config": self.cfg.to_dict()}
-            ckpt.commit(tmp, self.run_dir, index, pruner.history(), meta)
+            meta = {"stage": stage, "state": self.state.__dict__, "config": self.cfg.to_dict()}
+            if partial is not None:
+                meta["partial"] = partial
+            ckpt.commit(tmp, self.run_dir, stage, pruner.history(), meta, step)
             ckpt.prune_old(self.run_dir, self.cfg.checkpoint.keep)
         acc.wait_for_everyone()
 

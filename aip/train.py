@@ -92,6 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     from aip.prune.pruner import PruningError
     from aip.registry import UnknownNameError
 
+    expected = (ConfigError, UnknownNameError, CheckpointError, PruningError)
     try:
         cfg, run_dir, resume, branch = _resolve(args)
         if run_dir is None:
@@ -103,14 +104,15 @@ def main(argv: list[str] | None = None) -> int:
                 box = [str(run_dir)]
                 broadcast_object_list(box)
                 run_dir = Path(box[0])
-        from aip.engine import Engine
+        from aip.engine import Engine, RankMismatchError
 
+        expected = (*expected, RankMismatchError)
         engine = Engine(cfg, run_dir)
         if cfg.mode == "train":
             engine.run_train()
         else:
             engine.run_aip(resume=resume, branch=branch)
-    except (ConfigError, UnknownNameError, CheckpointError, PruningError) as exc:
+    except expected as exc:
         print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)
         return 2
     return 0
