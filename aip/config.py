@@ -61,6 +61,37 @@ class TrainConfig:
 
 
 @dataclass
+class HybridConfig:
+    """`prune.criterion: hybrid`: a saliency criterion first, a similarity criterion once the switch is reached."""
+
+    saliency: str = "l1"
+    similarity: str = "similarity"
+    # Switch at this interval (1-based), or once this fraction of the total reduction is reached; set one of them.
+    switch_interval: int | None = None
+    switch_fraction: float | None = 0.5
+
+
+@dataclass
+class SimilarityConfig:
+    # What `similarity` compares: the channels' filters, or their feature maps on calibration batches.
+    source: str = "weights"
+
+
+@dataclass
+class CapacityConfig:
+    """Effective filter analysis: per-layer caps from the effective rank of the layer's output-gradient matrix."""
+
+    enabled: bool = False
+    # Effective rank: the fewest singular values holding this fraction of the energy sum(s^2).
+    tau: float = 0.99
+    # Max prunable ratio = (1 - effective_rank / width) * safety.
+    safety: float = 0.9
+    batches: int = 8
+    # `cap`: limits only; `hierarchical`: also prune the most redundant layer groups first, group by group.
+    mode: str = "cap"
+
+
+@dataclass
 class PruneConfig:
     criterion: str = "l1"
     target_flops_ratio: float | None = 0.5
@@ -73,7 +104,9 @@ class PruneConfig:
     max_layer_ratio: float = 0.8
     # Batches of training data used by data-dependent criteria (taylor).
     calibration_batches: int = 4
-    round_to: int | None = None
+    hybrid: HybridConfig = field(default_factory=HybridConfig)
+    similarity: SimilarityConfig = field(default_factory=SimilarityConfig)
+    capacity: CapacityConfig = field(default_factory=CapacityConfig)
 
 
 @dataclass
@@ -137,6 +170,8 @@ MIXED_PRECISION = ("no", "fp16", "bf16")
 PRUNE_SCHEDULES = ("geometric", "linear")
 KD_KINDS = ("kl", "mse")
 DISC_INPUTS = ("logits", "softmax")
+SIMILARITY_SOURCES = ("weights", "features")
+CAPACITY_MODES = ("cap", "hierarchical")
 
 
 def _describe(tp: Any) -> str:
@@ -299,8 +334,24 @@ def validate(cfg: Config) -> None:
     _positive("prune.epochs_between", cfg.prune.epochs_between, zero_ok=True)
     _positive("prune.finetune_epochs", cfg.prune.finetune_epochs, zero_ok=True)
     _positive("prune.calibration_batches", cfg.prune.calibration_batches)
-    if cfg.prune.round_to is not None:
-        _positive("prune.round_to", cfg.prune.round_to)
+    saliency = [n for n in IMPORTANCES.names() if n not in ("hybrid", "similarity", "fpgm")]
+    _choice("prune.hybrid.saliency", cfg.prune.hybrid.saliency, saliency)
+    _choice("prune.hybrid.similarity", cfg.prune.hybrid.similarity, ("similarity", "fpgm"))
+    hybrid = cfg.prune.hybrid
+    if (hybrid.switch_interval is None) == (hybrid.switch_fraction is None):
+        raise ConfigError("prune.hybrid: set exactly one of switch_interval and switch_fraction (the other to null)")
+    if hybrid.switch_interval is not None:
+        _positive("prune.hybrid.switch_interval", hybrid.switch_interval)
+    if hybrid.switch_fraction is not None and not 0.0 <= hybrid.switch_fraction <= 1.0:
+        raise ConfigError(f"prune.hybrid.switch_fraction: must lie in [0, 1]; got {hybrid.switch_fraction}")
+    _choice("prune.similarity.source", cfg.prune.similarity.source, SIMILARITY_SOURCES)
+    cap = cfg.prune.capacity
+    _choice("prune.capacity.mode", cap.mode, CAPACITY_MODES)
+    if not 0.0 < cap.tau <= 1.0:
+        raise ConfigError(f"prune.capacity.tau: must lie in (0, 1]; got {cap.tau}")
+    if not 0.0 < cap.safety <= 1.0:
+        raise ConfigError(f"prune.capacity.safety: must lie in (0, 1]; got {cap.safety}")
+    _positive("prune.capacity.batches", cap.batches)
     _positive("train.lr", cfg.train.lr)
     _positive("train.epochs", cfg.train.epochs, zero_ok=True)
     _positive("train.teacher_epochs", cfg.train.teacher_epochs, zero_ok=True)

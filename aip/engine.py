@@ -38,8 +38,9 @@ from aip.distill.features import FeatureTaps
 from aip.distill.losses import adversarial_loss, discriminator_loss, kd_loss
 from aip.export import export_model
 from aip.models import classifier_of, create_model, default_taps
+from aip.prune.capacity import LayerCapacity, estimate_capacity
 from aip.prune.cost import model_cost
-from aip.prune.importance import create_importance
+from aip.prune.importance import create_importance, criterion_for_interval
 from aip.prune.pruner import ChannelPruner
 from aip.prune.schedule import interval_targets
 from aip.report import write_report
@@ -73,6 +74,7 @@ class RunState:
     teacher: dict[str, Any] = field(default_factory=dict)
     rows: list[dict[str, Any]] = field(default_factory=list)
     pruning_log: list[dict[str, Any]] = field(default_factory=list)
+    capacity: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 def plan_stages(cfg: Config) -> list[Stage]:
@@ -275,15 +277,16 @@ class Engine:
         model.requires_grad_(False)
         return model
 
-    def _calibrate(self, stage: int) -> Callable[[nn.Module], None]:
-        """Fill `.grad` for gradient-based criteria from fixed training batches, averaged over processes."""
+    def _calibrate(self, stage: int, batches: int | None = None) -> Callable[[nn.Module], None]:
+        """Forward and backward passes on fixed training batches (the same on every process); `.grad` is averaged
+        over processes. Gradient criteria read `.grad`, feature criteria and the capacity analysis hook the passes."""
 
         def calibrate(model: nn.Module) -> None:
             gen = torch.Generator().manual_seed(self.cfg.seed * 7 + stage)
             loader = DataLoader(self.data.train, batch_size=self.cfg.data.batch_size, shuffle=True, generator=gen)
             device = self.accelerator.device
             for i, (x, y) in enumerate(loader):
-                if i == self.cfg.prune.calibration_batches:
+                if i == (batches or self.cfg.prune.calibration_batches):
                     break
                 F.cross_entropy(model(x.to(device)), y.to(device)).backward()
             for p in model.parameters():
@@ -419,7 +422,7 @@ class Engine:
         if not self.state.teacher:
             top1, top5 = self.evaluate(teacher, val)
             self.state.teacher = {**base, "top1": top1, "top5": top5}
-        importance = create_importance(cfg.prune.criterion)
+        self._apply_capacity(student, pruner)
 
         if resume is not None and partial is None:  # weights, optimizer and RNG states come back via Accelerate
             acc.free_memory()
@@ -435,11 +438,15 @@ class Engine:
             resuming_here = partial is not None and partial["stage"] == stage.index
             if stage.target is not None and not resuming_here:
                 started = time.perf_counter()
+                total = 1.0 - stages[0].target if len(stages) == 1 else 1.0 - min(s.target or 1.0 for s in stages)
+                reached = (1.0 - pruner.cost(metric) / base[metric]) / total
+                criterion = criterion_for_interval(cfg.prune, stage.index, reached)
+                importance = create_importance(criterion, cfg.prune)
                 log = pruner.prune_to(stage.target * base[metric], metric, importance, self._calibrate(stage.index))
                 digests = self._check_same_architecture(student, stage.index)
                 entry = {
                     "stage": stage.index,
-                    "criterion": cfg.prune.criterion,
+                    "criterion": criterion,
                     "metric": metric,
                     "ratio_before": log.cost_before / base[metric],
                     "ratio_after": log.cost_after / base[metric],
@@ -451,7 +458,7 @@ class Engine:
                 }
                 self.state.pruning_log.append(entry)
                 self.print(
-                    f"stage {stage.index}: pruned ({cfg.prune.criterion}) {metric} "
+                    f"stage {stage.index}: pruned ({criterion}) {metric} "
                     f"{entry['ratio_before']:.3f} -> {entry['ratio_after']:.3f} of the teacher "
                     f"(target {stage.target:.3f})"
                 )
@@ -488,6 +495,25 @@ class Engine:
         if self.writer is not None:
             self.writer.close()
         return {"teacher": self.state.teacher, "stages": self.state.rows}
+
+    def _apply_capacity(self, student: nn.Module, pruner: ChannelPruner) -> None:
+        """With `prune.capacity.enabled`: estimate each group's maximum prunable ratio once, on the unpruned student
+        (kept in the run state, so a resumed run uses the same caps), and hand the caps to the pruner."""
+        cap = self.cfg.prune.capacity
+        if not cap.enabled:
+            return
+        if not self.state.capacity:
+            found = estimate_capacity(
+                student, pruner.root_modules(), self._calibrate(0, cap.batches), tau=cap.tau, safety=cap.safety
+            )
+            self.state.capacity = {name: c.__dict__ for name, c in found.items()}
+            self.print(
+                "capacity: "
+                + ", ".join(f"{n} {c.effective_rank}/{c.width} -> max {c.max_ratio:.2f}" for n, c in found.items())
+            )
+        caps = {name: LayerCapacity(**c) for name, c in self.state.capacity.items()}
+        order = {n: c.redundancy for n, c in caps.items()} if cap.mode == "hierarchical" else None
+        pruner.set_capacity({n: c.max_ratio for n, c in caps.items()}, order)
 
     def _stage_optimizers(self, student: nn.Module, disc: nn.Module, epochs: int) -> list[Any]:
         """Fresh student and discriminator optimizers and the student's lr schedule for a stage of `epochs`."""

@@ -17,7 +17,7 @@ import torch_pruning as tp
 from torch import nn
 
 from aip.prune.cost import model_cost
-from aip.prune.importance import needs_gradients
+from aip.prune.importance import needs_features, needs_gradients
 
 History = list[list]
 
@@ -60,6 +60,18 @@ class ChannelPruner:
         self.graph = tp.DependencyGraph().build_dependency(model, example_inputs=example_inputs, verbose=False)
         model.train(was_training)  # tracing leaves the model in eval mode
         self.original_widths = self.widths()
+        self.caps: dict[str, float] = {}
+        self.order: dict[str, float] = {}
+
+    def set_capacity(self, caps: dict[str, float], order: dict[str, float] | None = None) -> None:
+        """Per-group maximum pruning ratios (tightening `max_layer_ratio`), and optionally a hierarchical order:
+        groups with a lower `order` value are pruned first, each down to its cap before the next is touched."""
+        self.caps = dict(caps)
+        self.order = dict(order or {})
+
+    def root_modules(self) -> dict[str, nn.Module]:
+        """The root layer of every prunable group, by name."""
+        return {name: root for name, root, _ in self._groups()}
 
     def _groups(self) -> Iterator[tuple[str, nn.Module, tp.dependency.Group]]:
         for group in self.graph.get_all_groups(
@@ -74,7 +86,8 @@ class ChannelPruner:
 
     def min_width(self, name: str) -> int:
         """The fewest channels group `name` may keep under the per-layer cap (never fewer than one)."""
-        return max(1, math.ceil(self.original_widths[name] * (1.0 - self.max_layer_ratio) - 1e-9))
+        ratio = min(self.max_layer_ratio, self.caps.get(name, 1.0))
+        return max(1, math.ceil(self.original_widths[name] * (1.0 - ratio) - 1e-9))
 
     def history(self) -> History:
         """The Torch-Pruning history as plain JSON-able lists: [module name, is_out_channel, [indices]]."""
@@ -102,7 +115,10 @@ class ChannelPruner:
             scores = torch.nan_to_num(scores.detach().float().cpu(), nan=0.0)
             for idx in torch.argsort(scores, stable=True)[:removable].tolist():
                 candidates.append((float(scores[idx]), name, idx))
-        candidates.sort()
+        if self.order:  # hierarchical: the most redundant group first, by score within a group
+            candidates.sort(key=lambda c: (self.order.get(c[1], float("inf")), c[1], c[0]))
+        else:
+            candidates.sort()
         return candidates
 
     @torch.no_grad()
@@ -194,14 +210,27 @@ class ChannelPruner:
         before = current = self.cost(metric)
         steps = 0
         while current > target:
+            if needs_features(importance):  # feature maps of the current (partly pruned) model
+                if calibrate is None:
+                    raise PruningError("this criterion reads feature maps: pass a calibrate function")
+                with importance.recording(self.model):
+                    calibrate(self.model)
+                self.model.zero_grad(set_to_none=True)
             candidates = self._candidates(importance)
             if not candidates:
                 raise PruningError(
                     f"cannot reach the target: the {metric} are still {current / before:.3f} of the interval's start "
-                    f"with every layer at its cap (prune.max_layer_ratio={self.max_layer_ratio}); raise the cap or "
-                    "the target ratio"
+                    f"with every layer at its cap (prune.max_layer_ratio={self.max_layer_ratio}"
+                    + (", and the capacity limits of prune.capacity" if self.caps else "")
+                    + "); raise the cap or the target ratio"
                 )
-            self._remove(self._choose(candidates, self._channel_costs(metric), current - target, tolerance * target))
+            costs = self._channel_costs(metric)
+            gap = current - target
+            if self.order:  # the next group in line takes what it can before the next one is touched
+                first = candidates[0][1]
+                candidates = [c for c in candidates if c[1] == first]
+                gap = min(gap, costs[first] * len(candidates))
+            self._remove(self._choose(candidates, costs, gap, tolerance * target))
             current = self.cost(metric)
             steps += 1
         self.model.zero_grad(set_to_none=True)

@@ -1,0 +1,160 @@
+"""The papers' criteria: similarity (redundant pairs first), hybrid switching, effective-filter capacity limits."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from aip.analyze import main as analyze_main
+from aip.config import PruneConfig, SimilarityConfig
+from aip.prune.capacity import effective_rank, estimate_capacity
+from aip.prune.cost import model_cost
+from aip.prune.importance import create_importance, criterion_for_interval, redundancy_scores
+from aip.prune.pruner import ChannelPruner, PruningError
+from aip.train import main
+from tests.test_prune import Residual
+from tests.test_run import _config, _report
+
+
+def _with_twin_filters() -> Residual:
+    torch.manual_seed(0)
+    model = Residual()
+    with torch.no_grad():  # channel 9 of conv b duplicates channel 4; BN biases tell the channels apart later
+        model.b.weight[9] = model.b.weight[4]
+        model.bn_b.bias.copy_(torch.arange(32.0))
+        model.bn_b.bias[9] = 4.0
+    return model
+
+
+def test_redundancy_scores_drop_one_twin_first_and_keep_the_other() -> None:
+    torch.manual_seed(0)
+    v = torch.randn(10, 30)
+    v[7] = 0.5 * v[2]  # same direction, weaker
+    scores = redundancy_scores(v)
+    order = scores.argsort().tolist()
+    assert order[0] == 7
+    assert scores[2] > scores.sort().values[1]  # the survivor is not next in line
+
+
+@pytest.mark.parametrize("source", ["weights", "features"])
+def test_similarity_removes_a_planted_duplicate_before_any_distinct_filter(source: str) -> None:
+    model = _with_twin_filters()
+    example = torch.randn(1, 3, 16, 16)
+    pruner = ChannelPruner(model, example, [model.fc])
+    importance = create_importance("similarity", PruneConfig(similarity=SimilarityConfig(source)))
+    base = model_cost(model, example).flops
+
+    def calibrate(m: nn.Module) -> None:
+        m(torch.randn(16, 3, 16, 16)).sum().backward()
+
+    one_channel_of_b = 2 * 16 * 3 * 3 * 16 * 16  # FLOPs of one output channel of conv b
+    log = pruner.prune_to(base - one_channel_of_b / 2, "flops", importance, calibrate)
+    assert log.widths_after == {**log.widths_before, "b": 31}  # one channel went, and it was from b
+    assert model.bn_b.bias.detach().tolist().count(4.0) == 1  # one twin went, the other stays
+
+
+def _planted_rank_model(k: int, width: int = 16) -> tuple[nn.Module, nn.Module, torch.Tensor]:
+    torch.manual_seed(0)
+    layer = nn.Linear(12, width)
+    proj = torch.linalg.qr(torch.randn(width, k))[0].T  # k orthonormal rows: gradients live in their span
+    model = nn.Sequential(layer)
+    return model, layer, proj
+
+
+@pytest.mark.parametrize("k", [3, 7])
+def test_capacity_reports_the_planted_rank(k: int) -> None:
+    model, layer, proj = _planted_rank_model(k)
+
+    def run(m: nn.Module) -> None:
+        for _ in range(4):
+            h = m(torch.randn(64, 12))
+            ((h @ proj.T) ** 2).sum().backward()
+
+    found = estimate_capacity(model, {"fc": layer}, run, tau=0.999, safety=1.0)["fc"]
+    assert found.effective_rank == k
+    assert found.max_ratio == pytest.approx(1 - k / 16)
+
+
+def test_effective_rank_threshold() -> None:
+    s = torch.tensor([10.0, 1.0, 0.1])
+    assert effective_rank(s, 0.99) == 1  # 100 / 101.01 of the energy
+    assert effective_rank(s, 0.999) == 2
+    assert effective_rank(torch.zeros(3)) == 1
+
+
+def test_capacity_caps_hold_and_hierarchical_goes_group_by_group() -> None:
+    model = Residual()
+    example = torch.randn(1, 3, 16, 16)
+    pruner = ChannelPruner(model, example, [model.fc], max_layer_ratio=0.9)
+    caps = {name: 0.25 for name in pruner.widths()}
+    pruner.set_capacity(caps)
+    with pytest.raises(PruningError, match="capacity limits"):
+        pruner.prune_to(0.2 * model_cost(model, example).flops, "flops", create_importance("l1"))
+    for name, width in pruner.widths().items():
+        assert width >= math.ceil(pruner.original_widths[name] * 0.75)
+
+    model = Residual()
+    pruner = ChannelPruner(model, example, [model.fc], max_layer_ratio=0.9)
+    names = sorted(pruner.widths())
+    assert names == ["a", "b"]  # the stem and block are one coupled group, rooted at a
+    pruner.set_capacity({"a": 0.5, "b": 0.5}, order={"b": 0.2, "a": 0.9})  # b is the more redundant
+    # b alone can give 20% of the FLOPs (16 channels of 73.7K), so a stays whole
+    log = pruner.prune_to(0.8 * model_cost(model, example).flops, "flops", create_importance("l1"))
+    assert log.widths_after["a"] == 16 and 16 <= log.widths_after["b"] < 32
+    log = pruner.prune_to(0.6 * model_cost(model, example).flops, "flops", create_importance("l1"))
+    assert log.widths_after["b"] == 16 and log.widths_after["a"] < 16  # b at its cap, then a
+
+
+def test_hybrid_switch_rules() -> None:
+    cfg = PruneConfig(criterion="hybrid")
+    cfg.hybrid.switch_interval, cfg.hybrid.switch_fraction = 3, None
+    assert [criterion_for_interval(cfg, i, 0.0) for i in (1, 2, 3, 4)] == ["l1", "l1", "similarity", "similarity"]
+    cfg.hybrid.switch_interval, cfg.hybrid.switch_fraction = None, 0.5
+    cfg.hybrid.saliency, cfg.hybrid.similarity = "bn_scale", "fpgm"
+    assert [criterion_for_interval(cfg, 1, r) for r in (0.0, 0.49, 0.5, 0.9)] == [
+        "bn_scale",
+        "bn_scale",
+        "fpgm",
+        "fpgm",
+    ]
+    assert criterion_for_interval(PruneConfig(criterion="taylor"), 5, 1.0) == "taylor"
+
+
+def test_hybrid_with_capacity_caps_reaches_its_target_and_logs_the_switch(tmp_path: Path) -> None:
+    overrides = {
+        "prune.criterion": "hybrid",
+        "prune.intervals": 3,
+        "prune.target_flops_ratio": 0.75,
+        "prune.finetune_epochs": 0,
+        "prune.hybrid": {"switch_interval": 3, "switch_fraction": None},
+        "prune.capacity": {"enabled": True, "mode": "hierarchical", "batches": 8},
+    }
+    run_dir = tmp_path / "run"
+    assert main(["--config", str(_config(tmp_path, **overrides)), "--out", str(run_dir)]) == 0
+    report = _report(run_dir)
+    assert 0.75 * 0.95 <= report["stages"][-1]["flops"] / report["teacher"]["flops"] <= 0.75
+    log = json.loads((run_dir / "pruning_log.json").read_text())
+    assert [e["criterion"] for e in log] == ["l1", "l1", "similarity"]
+    assert json.loads((run_dir / "checkpoints/stage-03/history.json").read_text())
+    capacity = json.loads((run_dir / "checkpoints/stage-03/meta.json").read_text())["state"]["capacity"]
+    for name, width in log[-1]["widths"].items():
+        orig, limit = capacity[name]["width"], min(0.8, capacity[name]["max_ratio"])
+        assert width >= math.ceil(orig * (1 - limit) - 1e-9), name
+
+    out = tmp_path / "analysis"
+    assert (
+        analyze_main(
+            ["--config", str(run_dir / "config.yaml"), "--checkpoint", str(run_dir / "teacher.pt"), "--out", str(out)]
+        )
+        == 0
+    )
+    table = (out / "capacity.md").read_text()
+    assert "| layer3.0.conv1 | 64 |" in table and "estimated maximum compression" in table
+    assert (out / "capacity.png").stat().st_size > 1000
+    analysis = json.loads((out / "capacity.json").read_text())
+    assert 0.0 < analysis["max_compression"]["flops"] < 1.0
