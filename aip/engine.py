@@ -25,12 +25,12 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 from safetensors.torch import load_file
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset, Subset
 from torch.utils.tensorboard import SummaryWriter
 from tqdm.auto import tqdm
 
 from aip import checkpoint as ckpt
-from aip.config import Config, ConfigError, save_config
+from aip.config import Config, ConfigError, KDLoss, LossConfig, WeightedLoss, save_config
 from aip.data import DataBundle, build_data
 from aip.distill.attention import attention_loss
 from aip.distill.discriminator import Discriminator
@@ -77,10 +77,15 @@ class RunState:
     capacity: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
+def target_ratio(cfg: Config) -> float:
+    """The fraction of the teacher's FLOPs (or parameters) the final student keeps."""
+    p = cfg.prune
+    return p.target_flops_ratio if p.target_flops_ratio is not None else p.target_params_ratio
+
+
 def plan_stages(cfg: Config) -> list[Stage]:
     """Stages 1..S prune to the schedule's targets and recover; stage S+1 fine-tunes when finetune_epochs > 0."""
-    ratio = cfg.prune.target_flops_ratio if cfg.prune.target_flops_ratio is not None else cfg.prune.target_params_ratio
-    targets = interval_targets(ratio, cfg.prune.intervals, cfg.prune.schedule)
+    targets = interval_targets(target_ratio(cfg), cfg.prune.intervals, cfg.prune.schedule)
     stages = [Stage(i + 1, "prune", cfg.prune.epochs_between, t) for i, t in enumerate(targets)]
     if cfg.prune.finetune_epochs > 0:
         stages.append(Stage(len(stages) + 1, "finetune", cfg.prune.finetune_epochs, None))
@@ -319,6 +324,7 @@ class Engine:
         pruner: ChannelPruner,
         restore: Path | None = None,
         start: tuple[int, int] = (0, 0),
+        losses: LossConfig | None = None,
     ) -> nn.Module:
         """Train the student against the teacher and the discriminator for the stage's epochs.
 
@@ -334,7 +340,7 @@ class Engine:
         if restore is not None:
             acc.load_state(str(restore / ckpt.STATE_DIR))
         disc_params = list(disc.parameters())
-        w = cfg.loss
+        w = losses or cfg.loss
         use_adv = w.adv.weight > 0
         every = cfg.checkpoint.every_n_steps
         with FeatureTaps(teacher, taps) as t_taps, FeatureTaps(student, taps) as s_taps:
@@ -438,8 +444,7 @@ class Engine:
             resuming_here = partial is not None and partial["stage"] == stage.index
             if stage.target is not None and not resuming_here:
                 started = time.perf_counter()
-                total = 1.0 - stages[0].target if len(stages) == 1 else 1.0 - min(s.target or 1.0 for s in stages)
-                reached = (1.0 - pruner.cost(metric) / base[metric]) / total
+                reached = (1.0 - pruner.cost(metric) / base[metric]) / (1.0 - target_ratio(cfg))
                 criterion = criterion_for_interval(cfg.prune, stage.index, reached)
                 importance = create_importance(criterion, cfg.prune)
                 log = pruner.prune_to(stage.target * base[metric], metric, importance, self._calibrate(stage.index))
@@ -472,18 +477,29 @@ class Engine:
                 restore=source if resuming_here else None,
                 start=(partial["epoch"], partial["batch"]) if resuming_here else (0, 0),
             )
-            top1, top5 = self.evaluate(prepared_student, val)
-            row = {"stage": stage.index, "kind": stage.kind, **self.cost(student), "top1": top1, "top5": top5}
-            self.state.rows.append(row)
-            self.state.stage = stage.index
-            self.log({"stage/top1": top1, "stage/top5": top5, "stage/params": row["params"]}, stage.index)
-            self.log({"stage/flops": row["flops"]}, stage.index)
-            self.print(
-                f"stage {stage.index} ({stage.kind}): top-1 {top1:.2f}  top-5 {top5:.2f}  "
-                f"FLOPs {row['flops'] / base['flops']:.3f}  params {row['params'] / base['params']:.3f}"
-            )
-            self._save(stage.index, pruner)
+            self._end_stage(stage, prepared_student, val, base, pruner)
 
+        return self._finish(student)
+
+    def _end_stage(
+        self, stage: Stage, student: nn.Module, val: DataLoader, base: dict[str, int], pruner: ChannelPruner
+    ) -> None:
+        """Evaluate the recovered student, add its row to the table, log it and checkpoint the stage."""
+        top1, top5 = self.evaluate(student, val)
+        row = {"stage": stage.index, "kind": stage.kind, **self.cost(student), "top1": top1, "top5": top5}
+        self.state.rows.append(row)
+        self.state.stage = stage.index
+        self.log({"stage/top1": top1, "stage/top5": top5, "stage/params": row["params"]}, stage.index)
+        self.log({"stage/flops": row["flops"]}, stage.index)
+        self.print(
+            f"stage {stage.index} ({stage.kind}): top-1 {top1:.2f}  top-5 {top5:.2f}  "
+            f"FLOPs {row['flops'] / base['flops']:.3f}  params {row['params'] / base['params']:.3f}"
+        )
+        self._save(stage.index, pruner)
+
+    def _finish(self, student: nn.Module) -> dict[str, Any]:
+        """Write the stage table and the pruning log, export the pruned student, close the logs."""
+        acc = self.accelerator
         student = acc.unwrap_model(student)
         acc.free_memory()
         if self.main:
@@ -495,6 +511,177 @@ class Engine:
         if self.writer is not None:
             self.writer.close()
         return {"teacher": self.state.teacher, "stages": self.state.rows}
+
+    # ------------------------------------------------------------------- ACP
+    def run_acp(self, resume: Path | None = None) -> dict[str, Any]:
+        """`mode: acp`: cluster channels, search per-group widths with a particle swarm under the budget,
+        materialise the best structure with Torch-Pruning, recover it (AIP losses or plain fine-tuning)."""
+        acc, cfg = self.accelerator, self.cfg
+        teacher = self.teacher(resume.parent.parent if resume is not None else None)
+        student = copy.deepcopy(teacher).requires_grad_(True).train()
+        disc = Discriminator(self.data.num_classes, cfg.disc.hidden, cfg.disc.input).to(acc.device)
+        pruner = ChannelPruner(
+            student, self.example.to(acc.device), [classifier_of(student)], cfg.prune.max_layer_ratio
+        )
+        base = self.cost(student)
+        metric = "flops" if cfg.prune.target_flops_ratio is not None else "params"
+        val = acc.prepare_data_loader(self.val_loader())
+        if resume is not None:
+            history, meta = ckpt.read(resume)
+            pruner.replay(history)
+            self.state = RunState(**meta["state"])
+        if not self.state.teacher:
+            top1, top5 = self.evaluate(teacher, val)
+            self.state.teacher = {**base, "top1": top1, "top5": top5}
+        stage = Stage(1, "acp", cfg.prune.finetune_epochs, target_ratio(cfg))
+        if self.state.stage < 1:
+            started = time.perf_counter()
+            box = [self._acp_search(teacher, pruner, base[metric] * target_ratio(cfg), metric) if self.main else None]
+            if acc.num_processes > 1:  # the search runs once, on rank 0; every rank builds its result
+                from accelerate.utils import broadcast_object_list
+
+                broadcast_object_list(box)
+            widths = box[0]
+            pruner.prune_to_widths(widths, create_importance("similarity", cfg.prune))
+            self.state.pruning_log.append(
+                {
+                    "stage": 1,
+                    "criterion": "acp",
+                    "metric": metric,
+                    "ratio_after": pruner.cost(metric) / base[metric],
+                    "target_ratio": target_ratio(cfg),
+                    "seconds": time.perf_counter() - started,
+                    "widths": pruner.widths(),
+                    "architecture_per_process": self._check_same_architecture(student, 1),
+                }
+            )
+            plain = LossConfig(WeightedLoss(1.0), KDLoss(weight=0.0), WeightedLoss(0.0), WeightedLoss(0.0))
+            taps = cfg.model.taps or default_taps(student, cfg.model.name)
+            losses = plain if cfg.acp.final == "finetune" else None
+            prepared = self._recover(stage, student, teacher, disc, taps, pruner, losses=losses)
+            self._end_stage(stage, prepared, val, base, pruner)
+        return self._finish(student)
+
+    def _acp_search(self, teacher: nn.Module, pruner: ChannelPruner, budget: float, metric: str) -> dict[str, int]:
+        """Clustering start, then the particle swarm; the swarm is saved after every iteration and resumed."""
+        from aip.prune.widths import WidthCost
+        from aip.search.acp import ParticleSwarm, cluster_channels, scale_to_budget
+
+        cfg, acp = self.cfg, self.cfg.acp
+        names = list(pruner.widths())
+        upper = [pruner.original_widths[n] for n in names]
+        lower = [pruner.min_width(n) for n in names]
+        width_cost = WidthCost(pruner)
+
+        def cost(widths: list[int]) -> float:
+            return width_cost.of(dict(zip(names, widths, strict=True)), metric)
+
+        order = torch.randperm(len(self.data.train), generator=torch.Generator().manual_seed(cfg.seed))
+        holdout = Subset(self.data.train, order[: acp.holdout_size].tolist())
+        train = Subset(self.data.train, order[acp.holdout_size :].tolist())
+
+        responses = self._channel_responses(pruner, train)
+        start = []
+        for name, lo, hi in zip(names, lower, upper, strict=True):
+            width, _ = cluster_channels(responses[name], acp.eps, acp.min_samples)
+            start.append(min(hi, max(lo, width)))
+        self.print(
+            f"acp: clustering keeps {sum(start)}/{sum(upper)} channels, {metric} {cost(start) / cost(upper):.3f}"
+        )
+
+        def fitness(widths: list[int]) -> float:
+            top1 = self._try_structure(teacher, dict(zip(names, widths, strict=True)), train, holdout)
+            return top1 / 100.0 - acp.swarm.penalty * max(0.0, cost(widths) / budget - 1.0)
+
+        def report(state: Any) -> None:
+            best = [int(w) for w in state.global_best]
+            self.log({"acp/best_fitness": state.global_fitness}, state.iteration)
+            self.print(
+                f"acp iteration {state.iteration}/{acp.swarm.iterations}: best fitness {state.global_fitness:.4f}, "
+                f"{metric} {cost(best) / cost(upper):.3f}, widths {best}"
+            )
+
+        key = hashlib.sha256(json.dumps([cfg.model.name, cfg.seed, budget, acp.__dict__], default=str).encode())
+        swarm = ParticleSwarm(
+            lower,
+            upper,
+            fitness,
+            lambda w: scale_to_budget(w, lower, cost, budget),
+            acp.swarm,
+            seed=cfg.seed,
+            state_path=self.run_dir / "acp_swarm.json",
+            key=key.hexdigest()[:16],
+        )
+        best = swarm.run(start, report)
+        return dict(zip(names, best, strict=True))
+
+    @torch.no_grad()
+    def _channel_responses(self, pruner: ChannelPruner, data: Dataset) -> dict[str, torch.Tensor]:
+        """Each group root's channel responses (channels, images): spatial means over calibration images."""
+        store: dict[str, list[torch.Tensor]] = {}
+        roots = pruner.root_modules()
+        hooks = [
+            m.register_forward_hook(
+                lambda _m, _i, out, name=name: store.setdefault(name, []).append(
+                    (out.float().flatten(2).mean(2) if out.dim() > 2 else out.float()).T.cpu()
+                )
+            )
+            for name, m in roots.items()
+        ]
+        model = pruner.model
+        was_training = model.training
+        model.eval()
+        count = min(self.cfg.acp.calibration_images, len(data))
+        loader = DataLoader(Subset(data, range(count)), batch_size=self.cfg.data.eval_batch_size)
+        try:
+            for x, _ in loader:
+                model(x.to(self.accelerator.device))
+        finally:
+            model.train(was_training)
+            for h in hooks:
+                h.remove()
+        return {name: torch.cat(chunks, dim=1) for name, chunks in store.items()}
+
+    def _try_structure(self, teacher: nn.Module, widths: dict[str, int], train: Dataset, holdout: Dataset) -> float:
+        """Top-1 (%) on the held-out split of the teacher pruned to `widths` after a short recovery.
+
+        Structures are built with the similarity criterion: one of each group of near-identical channels goes first,
+        so a cluster of duplicates keeps one representative, as the clustering step intends."""
+        cfg, device = self.cfg, self.accelerator.device
+        set_seed(cfg.seed + sum(widths.values()))
+        model = copy.deepcopy(teacher).requires_grad_(True).train()
+        ChannelPruner(model, self.example.to(device), [classifier_of(model)]).prune_to_widths(
+            widths, create_importance("similarity", cfg.prune)
+        )
+        model.train()
+        optimizer = self._optimizer(model)
+        gen = torch.Generator().manual_seed(cfg.seed)
+        loader = DataLoader(train, batch_size=cfg.data.batch_size, shuffle=True, drop_last=True, generator=gen)
+        steps = 0
+        while steps < cfg.acp.recovery_steps:
+            for x, y in loader:
+                x, y = x.to(device), y.to(device)
+                logits = model(x)
+                loss = F.cross_entropy(logits, y)
+                if cfg.acp.distill:
+                    with torch.no_grad():
+                        t_logits = teacher(x)
+                    loss = cfg.loss.ce.weight * loss + cfg.loss.kd.weight * kd_loss(
+                        logits, t_logits, cfg.loss.kd.temperature, cfg.loss.kd.kind
+                    )
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                steps += 1
+                if steps == cfg.acp.recovery_steps:
+                    break
+        model.eval()
+        correct = total = 0
+        with torch.no_grad():
+            for x, y in DataLoader(holdout, batch_size=cfg.data.eval_batch_size):
+                correct += int((model(x.to(device)).argmax(1) == y.to(device)).sum())
+                total += len(y)
+        return 100.0 * correct / max(total, 1)
 
     def _apply_capacity(self, student: nn.Module, pruner: ChannelPruner) -> None:
         """With `prune.capacity.enabled`: estimate each group's maximum prunable ratio once, on the unpruned student

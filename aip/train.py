@@ -110,6 +110,10 @@ def main(argv: list[str] | None = None) -> int:
         engine = Engine(cfg, run_dir)
         if cfg.mode == "train":
             engine.run_train()
+        elif cfg.mode == "acp":
+            if branch is not None:
+                raise ConfigError("--from-stage branches an AIP run; mode acp searches its structure from the teacher")
+            engine.run_acp(resume=resume)
         else:
             engine.run_aip(resume=resume, branch=branch)
     except expected as exc:

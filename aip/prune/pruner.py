@@ -181,6 +181,19 @@ class ChannelPruner:
             if self.graph.check_pruning_group(group):
                 group.prune()
 
+    def prune_to_widths(self, widths: dict[str, int], importance: tp.importance.Importance) -> None:
+        """Shrink each named group to the given width, dropping its lowest-scored channels (never below one)."""
+        for name, width in widths.items():
+            for group_name, _, group in self._groups():
+                if group_name != name:
+                    continue
+                excess = len(group[0].idxs) - max(1, int(width))
+                if excess > 0:
+                    scores = torch.nan_to_num(importance(group).detach().float().cpu(), nan=0.0)
+                    self._remove({name: torch.argsort(scores, stable=True)[:excess].tolist()})
+                break
+        self.model.zero_grad(set_to_none=True)
+
     def cost(self, metric: str) -> float:
         """The model's current FLOPs or parameter count."""
         c = model_cost(self.model, self.example)

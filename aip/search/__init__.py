@@ -1,0 +1,1 @@
+"""Architecture search over per-group widths (ACP)."""

@@ -1,0 +1,220 @@
+"""ACP: automatic channel pruning by clustering feature maps, then a particle-swarm search of per-group widths.
+
+1. Clustering: per prunable group, the root layer's channels are described by their responses on calibration
+   images (spatial means, one value per image) and clustered with DBSCAN on correlation distance; the group keeps
+   (clusters + noise points) channels. `eps` is the compression knob.
+2. Particle swarm over width vectors (one width per group: coupled layers share it): particle 0 is the clustering
+   result, the others random offsets of it; every candidate is projected under the FLOPs (or parameter) budget.
+   Fitness comes from the caller (accuracy after a short recovery on a held-out split), minus a penalty for any
+   excess over the budget. The swarm's state is saved after every iteration and a search resumes from it.
+
+The search knows nothing of training: the engine passes the fitness function.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from aip.config import SwarmConfig
+
+
+def dbscan(dist: torch.Tensor, eps: float, min_samples: int) -> torch.Tensor:
+    """DBSCAN labels (-1: noise) from a square distance matrix; neighbourhoods include the point itself."""
+    n = dist.shape[0]
+    near = dist <= eps
+    core = near.sum(dim=1) >= min_samples
+    labels = torch.full((n,), -1, dtype=torch.long)
+    cluster = 0
+    for seed in range(n):
+        if not core[seed] or labels[seed] >= 0:
+            continue
+        labels[seed] = cluster
+        frontier = [seed]
+        while frontier:
+            point = frontier.pop()
+            if not core[point]:
+                continue  # border point: in the cluster, but does not extend it
+            for other in near[point].nonzero().flatten().tolist():
+                if labels[other] < 0:
+                    labels[other] = cluster
+                    frontier.append(other)
+        cluster += 1
+    return labels
+
+
+def cluster_channels(responses: torch.Tensor, eps: float, min_samples: int) -> tuple[int, torch.Tensor]:
+    """(width to keep, labels) for channels described by `responses` (channels, samples): clusters + noise.
+
+    Channels are compared by the cosine distance of their centred responses (1 - Pearson correlation), so two
+    channels that rise and fall together over the images count as one, whatever their scale.
+    """
+    unit = responses.float() - responses.float().mean(dim=1, keepdim=True)
+    unit = unit / unit.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    labels = dbscan((1.0 - unit @ unit.T).clamp_min(0.0), eps, min_samples)
+    clusters = int(labels.max().item()) + 1 if (labels >= 0).any() else 0
+    return clusters + int((labels < 0).sum()), labels
+
+
+@dataclass
+class SwarmState:
+    """Everything the swarm needs to continue: saved as JSON after every iteration."""
+
+    iteration: int = 0
+    positions: list[list[float]] = field(default_factory=list)
+    velocities: list[list[float]] = field(default_factory=list)
+    best_positions: list[list[float]] = field(default_factory=list)
+    best_fitness: list[float] = field(default_factory=list)
+    global_best: list[float] = field(default_factory=list)
+    global_fitness: float = -math.inf
+    rng: list[int] = field(default_factory=list)
+    history: list[dict[str, Any]] = field(default_factory=list)
+    key: str = ""
+
+
+class ParticleSwarm:
+    """Particle-swarm optimisation of integer width vectors between `lower` and `upper`, maximising `fitness`.
+
+    `project(widths)` maps any vector to an admissible one (inside the budget); `fitness(widths)` scores a projected
+    integer vector. Velocities follow the constriction form v <- chi (w v + c1 r1 (p - x) + c2 r2 (g - x)), the
+    inertia w falling linearly over the iterations, each component clipped to +-velocity_clip.
+    """
+
+    def __init__(
+        self,
+        lower: list[int],
+        upper: list[int],
+        fitness: Callable[[list[int]], float],
+        project: Callable[[list[float]], list[int]],
+        cfg: SwarmConfig,
+        seed: int = 0,
+        state_path: Path | None = None,
+        key: str = "",
+    ) -> None:
+        self.lower = torch.tensor(lower, dtype=torch.float64)
+        self.upper = torch.tensor(upper, dtype=torch.float64)
+        self.fitness, self.project, self.cfg = fitness, project, cfg
+        self.state_path, self.key = state_path, key
+        self.gen = torch.Generator().manual_seed(seed)
+        self.state = SwarmState(key=key)
+
+    def _rand(self, *shape: int) -> torch.Tensor:
+        return torch.rand(*shape, generator=self.gen, dtype=torch.float64)
+
+    def _evaluate(self, position: torch.Tensor) -> tuple[list[int], float]:
+        widths = self.project(position.tolist())
+        return widths, float(self.fitness(widths))
+
+    def initialise(self, start: list[int]) -> None:
+        """Particle 0 at `start`, the others offset from it by up to init_spread of each group's range."""
+        n, dims = self.cfg.particles, len(start)
+        base = torch.tensor(start, dtype=torch.float64)
+        spread = self.cfg.init_spread * (self.upper - self.lower)
+        positions = base + (2 * self._rand(n, dims) - 1) * spread
+        positions[0] = base
+        positions = torch.maximum(torch.minimum(positions, self.upper), self.lower)
+        self.state.positions = positions.tolist()
+        self.state.best_positions, self.state.best_fitness = [], []
+        for p in positions:
+            widths, fit = self._evaluate(p)
+            self.state.best_positions.append([float(w) for w in widths])
+            self.state.best_fitness.append(fit)
+        self.state.velocities = torch.zeros(n, dims).tolist()
+        best = max(range(n), key=lambda i: self.state.best_fitness[i])
+        self.state.global_best = list(self.state.best_positions[best])
+        self.state.global_fitness = self.state.best_fitness[best]
+        self._record()
+
+    def step(self) -> None:
+        """One PSO iteration over all particles, then a checkpoint of the swarm."""
+        c, s = self.cfg, self.state
+        it = s.iteration
+        inertia = c.inertia_start + (c.inertia_end - c.inertia_start) * it / max(1, c.iterations - 1)
+        x = torch.tensor(s.positions, dtype=torch.float64)
+        v = torch.tensor(s.velocities, dtype=torch.float64)
+        p = torch.tensor(s.best_positions, dtype=torch.float64)
+        g = torch.tensor(s.global_best, dtype=torch.float64)
+        r1, r2 = self._rand(*x.shape), self._rand(*x.shape)
+        v = c.constriction * (inertia * v + c.c1 * r1 * (p - x) + c.c2 * r2 * (g - x))
+        v = v.clamp(-c.velocity_clip, c.velocity_clip)
+        moved = x + v
+        x = torch.maximum(torch.minimum(moved, self.upper), self.lower)
+        v = torch.where(moved == x, v, -0.5 * v)  # reflecting walls: a particle at a bound turns back
+        for i in range(len(x)):  # positions stay continuous; a particle is scored at its rounded, projected point
+            widths, fit = self._evaluate(x[i])
+            if fit > s.best_fitness[i]:
+                s.best_fitness[i], s.best_positions[i] = fit, [float(w) for w in widths]
+            if fit > s.global_fitness:
+                s.global_fitness, s.global_best = fit, [float(w) for w in widths]
+        s.positions, s.velocities = x.tolist(), v.tolist()
+        s.iteration += 1
+        self._record()
+
+    def _record(self) -> None:
+        self.state.history.append({"iteration": self.state.iteration, "best_fitness": self.state.global_fitness})
+        self.save()
+
+    def save(self) -> None:
+        if self.state_path is None:
+            return
+        self.state.rng = self.gen.get_state().tolist()
+        tmp = self.state_path.with_name(self.state_path.name + ".tmp")
+        tmp.write_text(json.dumps(self.state.__dict__))
+        os.replace(tmp, self.state_path)
+
+    def load(self) -> bool:
+        """Continue from the saved swarm, if there is one for the same search (same key); True when loaded."""
+        if self.state_path is None or not self.state_path.is_file():
+            return False
+        try:
+            data = json.loads(self.state_path.read_text())
+        except json.JSONDecodeError:
+            return False
+        if data.get("key") != self.key:
+            return False
+        self.state = SwarmState(**data)
+        self.gen.set_state(torch.tensor(self.state.rng, dtype=torch.uint8))
+        return True
+
+    def run(self, start: list[int], on_iteration: Callable[[SwarmState], None] | None = None) -> list[int]:
+        """Search from `start` (or from the saved swarm) and return the best width vector found."""
+        if not self.load():
+            self.initialise(start)
+            if on_iteration:
+                on_iteration(self.state)
+        while self.state.iteration < self.cfg.iterations:
+            self.step()
+            if on_iteration:
+                on_iteration(self.state)
+        return [int(w) for w in self.state.global_best]
+
+
+def scale_to_budget(
+    widths: list[float], lower: list[int], cost: Callable[[list[int]], float], budget: float
+) -> list[int]:
+    """Round `widths`; if their cost exceeds `budget`, shrink every group towards `lower` by one common factor
+    (bisection) until it fits. Returns `lower` when even that is over budget (the caller's penalty applies)."""
+    rounded = [max(lo, round(w)) for w, lo in zip(widths, lower, strict=True)]
+    if cost(rounded) <= budget:
+        return rounded
+
+    def shrink(f: float) -> list[int]:
+        return [max(lo, math.floor(lo + f * (w - lo))) for w, lo in zip(rounded, lower, strict=True)]
+
+    lo_f, hi_f = 0.0, 1.0
+    if cost(shrink(0.0)) > budget:
+        return shrink(0.0)
+    for _ in range(40):
+        mid = (lo_f + hi_f) / 2
+        if cost(shrink(mid)) <= budget:
+            lo_f = mid
+        else:
+            hi_f = mid
+    return shrink(lo_f)

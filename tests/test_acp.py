@@ -1,0 +1,132 @@
+"""ACP: clustering keeps one channel per group of duplicates; PSO finds a known optimum, resumes, respects budgets."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from aip.config import SwarmConfig
+from aip.models import classifier_of, create_model
+from aip.prune.cost import model_cost
+from aip.prune.importance import create_importance
+from aip.prune.pruner import ChannelPruner
+from aip.prune.widths import WidthCost
+from aip.search.acp import ParticleSwarm, cluster_channels, dbscan, scale_to_budget
+from aip.train import main
+from tests.test_run import _config, _report
+
+
+def test_clustering_counts_one_channel_per_group_of_identical_channels() -> None:
+    torch.manual_seed(0)
+    a, b, c = torch.randn(3, 50)
+    responses = torch.stack([a] * 6 + [2.0 * b] * 5 + [c])  # scale does not matter: correlation distance
+    width, labels = cluster_channels(responses, eps=0.05, min_samples=5)
+    assert width == 3  # two clusters and one noise channel
+    assert len(set(labels[:6].tolist())) == 1 and len(set(labels[6:11].tolist())) == 1
+    assert labels[0] != labels[6] and labels[11] == -1
+
+
+def test_dbscan_border_points_join_but_do_not_extend() -> None:
+    pts = torch.tensor([0.0, 0.05, 0.1, 0.15, 0.3, 0.45, 5.0])
+    labels = dbscan((pts[:, None] - pts[None]).abs(), eps=0.16, min_samples=4)
+    assert labels.tolist() == [0, 0, 0, 0, 0, -1, -1]  # 0.3 is a border point: 0.45 stays out
+
+
+def test_materialising_a_clustered_width_keeps_one_of_each_duplicate_group() -> None:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.LazyLinear(4))
+    example = torch.randn(1, 3, 6, 6)
+    model(example)
+    with torch.no_grad():  # filters 0-3 identical, 4-6 identical, 7 alone
+        model[0].weight[1:4] = model[0].weight[0]
+        model[0].weight[5:7] = model[0].weight[4]
+        model[0].bias[1:4] = model[0].bias[0]
+        model[0].bias[5:7] = model[0].bias[4]
+    original = model[0].weight.detach().clone()
+    pruner = ChannelPruner(model, example, [model[3]], max_layer_ratio=0.9)
+    pruner.prune_to_widths({"0": 3}, create_importance("similarity"))
+    kept = model[0].weight.detach()
+    assert kept.shape[0] == 3
+    for rows in ([0, 1, 2, 3], [4, 5, 6], [7]):
+        assert sum(any(torch.equal(k, original[r]) for r in rows) for k in kept) == 1
+
+
+def test_pso_finds_a_known_optimum() -> None:
+    target = [5, 17, 23, 9]
+    calls = []
+
+    def fitness(w: list[int]) -> float:
+        calls.append(w)
+        return -float(sum((a - b) ** 2 for a, b in zip(w, target, strict=True)))
+
+    cfg = SwarmConfig(particles=10, iterations=30, velocity_clip=4.0, init_spread=1.0)
+    swarm = ParticleSwarm([2] * 4, [30] * 4, fitness, lambda w: [round(x) for x in w], cfg, seed=0)
+    assert swarm.run([2, 2, 2, 2]) == target
+    assert len(calls) == 10 * 31
+
+
+def test_pso_resumes_from_its_saved_state(tmp_path: Path) -> None:
+    def fitness(w: list[int]) -> float:
+        return -float(sum((a - 11) ** 2 for a in w))
+
+    def swarm(iterations: int, path: Path) -> ParticleSwarm:
+        cfg = SwarmConfig(particles=5, iterations=iterations)
+        return ParticleSwarm([1] * 3, [20] * 3, fitness, lambda w: [round(x) for x in w], cfg, 3, path, key="k")
+
+    whole = swarm(4, tmp_path / "a.json").run([1, 1, 1])
+    swarm(2, tmp_path / "b.json").run([1, 1, 1])  # stops after 2 iterations, as if killed
+    assert json.loads((tmp_path / "b.json").read_text())["iteration"] == 2
+    resumed = swarm(4, tmp_path / "b.json")
+    assert resumed.run([1, 1, 1]) == whole
+    assert resumed.state.history == json.loads((tmp_path / "a.json").read_text())["history"]
+
+
+def test_every_candidate_respects_coupling_and_the_budget() -> None:
+    model = create_model("cifar_resnet20", 10)
+    example = torch.randn(1, 3, 32, 32)
+    pruner = ChannelPruner(model, example, [classifier_of(model)], max_layer_ratio=0.9)
+    names = list(pruner.widths())
+    wc = WidthCost(pruner)
+    base = wc.of(pruner.widths(), "flops")
+    budget = 0.5 * base
+    lower = [pruner.min_width(n) for n in names]
+    upper = [pruner.original_widths[n] for n in names]
+    seen = []
+
+    def cost(w: list[int]) -> float:
+        return wc.of(dict(zip(names, w, strict=True)), "flops")
+
+    def fitness(w: list[int]) -> float:
+        seen.append(w)
+        return float(torch.rand(1))
+
+    cfg = SwarmConfig(particles=6, iterations=3, velocity_clip=8.0, init_spread=0.5)
+    best = ParticleSwarm(lower, upper, fitness, lambda w: scale_to_budget(w, lower, cost, budget), cfg).run(upper)
+    assert len(seen) == 6 * 4 and all(cost(w) <= budget for w in seen)
+    assert all(lo <= x <= hi for w in seen for x, lo, hi in zip(w, lower, upper, strict=True))
+    pruner.prune_to_widths(dict(zip(names, best, strict=True)), create_importance("l1"))
+    assert model_cost(model, example).flops == cost(best) <= budget
+    # coupled layers share one width: the stem and every block output of a stage
+    assert model.conv1.out_channels == model.layer1[0].conv2.out_channels == model.layer1[2].conv2.out_channels
+
+
+def test_acp_mode_end_to_end_meets_the_flops_target(tmp_path: Path) -> None:
+    overrides = {
+        "mode": "acp",
+        "acp": {
+            "holdout_size": 64,
+            "recovery_steps": 5,
+            "calibration_images": 64,
+            "swarm": {"particles": 3, "iterations": 2},
+        },
+    }
+    run_dir = tmp_path / "acp"
+    assert main(["--config", str(_config(tmp_path, **overrides)), "--out", str(run_dir)]) == 0
+    report = _report(run_dir)
+    assert [s["kind"] for s in report["stages"]] == ["acp"]
+    assert 0.3 < report["stages"][0]["flops"] / report["teacher"]["flops"] <= 0.6
+    swarm = json.loads((run_dir / "acp_swarm.json").read_text())
+    assert swarm["iteration"] == 2 and len(swarm["positions"]) == 3
+    assert (run_dir / "model_pruned.pt2").is_file()
