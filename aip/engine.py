@@ -104,6 +104,56 @@ def _topk_correct(logits: torch.Tensor, labels: torch.Tensor, ks: tuple[int, ...
     return [hits[:, :k].any(dim=1).sum() for k in ks]
 
 
+@dataclass
+class DistillStep:
+    """One AIP training step on a batch: the discriminator learns teacher (real) from student (fake) outputs, then
+    the student learns from CE, KD, attention transfer and the adversarial loss through the bare discriminator
+    (its weights fixed), so DDP never reduces the discriminator's gradients in the student's backward."""
+
+    accelerator: Accelerator
+    teacher: nn.Module
+    student: nn.Module  # prepared
+    disc: nn.Module  # prepared: the discriminator's own step goes through DDP
+    disc_raw: nn.Module  # the same module unwrapped: the student's adversarial term goes through it
+    opt_s: torch.optim.Optimizer
+    opt_d: torch.optim.Optimizer
+    sched: Any
+    t_taps: FeatureTaps
+    s_taps: FeatureTaps
+    losses: LossConfig
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        acc, w = self.accelerator, self.losses
+        use_adv = w.adv.weight > 0
+        with torch.no_grad(), acc.autocast():
+            t_logits = self.teacher(x)
+        t_feats = list(self.t_taps.outputs)
+        with acc.accumulate(self.student, self.disc):
+            s_logits = self.student(x)
+            s_feats = list(self.s_taps.outputs)
+            terms: dict[str, torch.Tensor] = {}
+            if use_adv:
+                d_out = self.disc(torch.cat([t_logits.detach(), s_logits.detach()]).float())
+                terms["loss_d"] = discriminator_loss(d_out[: len(x)], d_out[len(x) :])
+                acc.backward(terms["loss_d"])
+                self.opt_d.step()
+                self.opt_d.zero_grad(set_to_none=True)
+            terms["loss_ce"] = F.cross_entropy(s_logits.float(), y)
+            terms["loss_kd"] = kd_loss(s_logits.float(), t_logits.float(), w.kd.temperature, w.kd.kind)
+            terms["loss_at"] = attention_loss(s_feats, t_feats) if w.at.weight > 0 else x.new_zeros(())
+            loss = w.ce.weight * terms["loss_ce"] + w.kd.weight * terms["loss_kd"] + w.at.weight * terms["loss_at"]
+            if use_adv:
+                self.disc_raw.requires_grad_(False)
+                terms["loss_adv"] = adversarial_loss(self.disc_raw(s_logits.float()))
+                self.disc_raw.requires_grad_(True)
+                loss = loss + w.adv.weight * terms["loss_adv"]
+            acc.backward(loss)
+            self.opt_s.step()
+            self.sched.step()
+            self.opt_s.zero_grad(set_to_none=True)
+        return loss, terms
+
+
 class Engine:
     """Runs one configured job (`mode: train` or `mode: aip`) in one run directory."""
 
@@ -339,11 +389,11 @@ class Engine:
         )
         if restore is not None:
             acc.load_state(str(restore / ckpt.STATE_DIR))
-        disc_params = list(disc.parameters())
-        w = losses or cfg.loss
-        use_adv = w.adv.weight > 0
         every = cfg.checkpoint.every_n_steps
         with FeatureTaps(teacher, taps) as t_taps, FeatureTaps(student, taps) as s_taps:
+            step = DistillStep(
+                acc, teacher, student_p, disc_p, disc, opt_s, opt_d, sched, t_taps, s_taps, losses or cfg.loss
+            )
             for epoch in range(start[0], stage.epochs):
                 self._seed(stage.index, epoch)
                 student_p.train()
@@ -352,38 +402,7 @@ class Engine:
                 for batch, (x, y) in enumerate(bar):
                     if epoch == start[0] and batch < start[1]:
                         continue  # seen before the checkpoint this run resumed from
-                    with torch.no_grad(), acc.autocast():
-                        t_logits = teacher(x)
-                    t_feats = list(t_taps.outputs)
-                    with acc.accumulate(student_p, disc_p):
-                        s_logits = student_p(x)
-                        s_feats = list(s_taps.outputs)
-                        terms: dict[str, torch.Tensor] = {}
-                        if use_adv:  # discriminator step: teacher outputs are real, student outputs fake
-                            d_out = disc_p(torch.cat([t_logits.detach(), s_logits.detach()]).float())
-                            terms["loss_d"] = discriminator_loss(d_out[: len(x)], d_out[len(x) :])
-                            acc.backward(terms["loss_d"])
-                            opt_d.step()
-                            opt_d.zero_grad(set_to_none=True)
-                        terms["loss_ce"] = F.cross_entropy(s_logits.float(), y)
-                        terms["loss_kd"] = kd_loss(s_logits.float(), t_logits.float(), w.kd.temperature, w.kd.kind)
-                        terms["loss_at"] = attention_loss(s_feats, t_feats) if w.at.weight > 0 else x.new_zeros(())
-                        if use_adv:  # student step through the bare discriminator, its weights fixed
-                            for p in disc_params:
-                                p.requires_grad_(False)
-                            terms["loss_adv"] = adversarial_loss(disc(s_logits.float()))
-                            for p in disc_params:
-                                p.requires_grad_(True)
-                        loss = (
-                            w.ce.weight * terms["loss_ce"]
-                            + w.kd.weight * terms["loss_kd"]
-                            + w.at.weight * terms["loss_at"]
-                            + (w.adv.weight * terms["loss_adv"] if use_adv else 0.0)
-                        )
-                        acc.backward(loss)
-                        opt_s.step()
-                        sched.step()
-                        opt_s.zero_grad(set_to_none=True)
+                    loss, terms = step(x, y)
                     self.state.global_step += 1
                     if self.state.global_step % cfg.train.log_every == 0:
                         values = {k: v.item() for k, v in terms.items()}
