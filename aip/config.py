@@ -38,7 +38,7 @@ class DataConfig:
     eval_batch_size: int = 256
     num_workers: int = 0
     augment: bool = True
-    # Use only the first N training samples (a fixed subset, for quick runs); none: all of them.
+    # Use only a fixed random choice of N training samples (the same every run, for quick runs); none: all of them.
     train_subset: int | None = None
     # Synthetic data set only.
     num_classes: int = 10
@@ -56,6 +56,9 @@ class TrainConfig:
     weight_decay: float = 5e-4
     scheduler: str = "cosine"
     grad_accum_steps: int = 1
+    # Evaluate every N epochs of plain training (the last epoch always); on a CPU a full test set can cost as much
+    # as a training epoch.
+    eval_every: int = 1
     mixed_precision: str = "no"
     log_every: int = 20
 
@@ -396,6 +399,7 @@ def validate(cfg: Config) -> None:
     _positive("train.weight_decay", cfg.train.weight_decay, zero_ok=True)
     _positive("train.grad_accum_steps", cfg.train.grad_accum_steps)
     _positive("train.log_every", cfg.train.log_every)
+    _positive("train.eval_every", cfg.train.eval_every)
     _positive("data.batch_size", cfg.data.batch_size)
     _positive("data.eval_batch_size", cfg.data.eval_batch_size)
     _positive("data.num_workers", cfg.data.num_workers, zero_ok=True)

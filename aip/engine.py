@@ -37,6 +37,7 @@ from aip.distill.discriminator import Discriminator
 from aip.distill.features import FeatureTaps
 from aip.distill.losses import adversarial_loss, discriminator_loss, kd_loss
 from aip.export import export_model
+from aip.hooks import inspecting
 from aip.models import classifier_of, create_model, default_taps
 from aip.prune.capacity import LayerCapacity, estimate_capacity
 from aip.prune.cost import model_cost
@@ -275,9 +276,10 @@ class Engine:
                 if step % self.cfg.train.log_every == 0:
                     bar.set_postfix(loss=f"{loss.item():.3f}")
                     self.log({f"{tag}/loss_ce": loss.item(), f"{tag}/lr": scheduler.get_last_lr()[0]}, step)
-            top1, top5 = self.evaluate(model, val)
-            self.log({f"{tag}/top1": top1, f"{tag}/top5": top5}, epoch + 1)
-            self.print(f"{tag} epoch {epoch + 1}/{epochs}: top-1 {top1:.2f}  top-5 {top5:.2f}")
+            if (epoch + 1) % self.cfg.train.eval_every == 0 or epoch + 1 == epochs:
+                top1, top5 = self.evaluate(model, val)
+                self.log({f"{tag}/top1": top1, f"{tag}/top5": top5}, epoch + 1)
+                self.print(f"{tag} epoch {epoch + 1}/{epochs}: top-1 {top1:.2f}  top-5 {top5:.2f}")
         model = acc.unwrap_model(model)
         acc.free_memory()
         return model
@@ -428,7 +430,7 @@ class Engine:
         disc = Discriminator(self.data.num_classes, cfg.disc.hidden, cfg.disc.input).to(acc.device)
         example = self.example.to(acc.device)
         pruner = ChannelPruner(student, example, [classifier_of(student)], cfg.prune.max_layer_ratio)
-        taps = cfg.model.taps or default_taps(student, cfg.model.name)
+        taps = self._taps(student)
         base = self.cost(student)
         metric = "flops" if cfg.prune.target_flops_ratio is not None else "params"
         stages = plan_stages(cfg)
@@ -575,7 +577,7 @@ class Engine:
                 }
             )
             plain = LossConfig(WeightedLoss(1.0), KDLoss(weight=0.0), WeightedLoss(0.0), WeightedLoss(0.0))
-            taps = cfg.model.taps or default_taps(student, cfg.model.name)
+            taps = self._taps(student)
             losses = plain if cfg.acp.final == "finetune" else None
             prepared = self._recover(stage, student, teacher, disc, taps, pruner, losses=losses)
             self._end_stage(stage, prepared, val, base, pruner)
@@ -638,27 +640,20 @@ class Engine:
     def _channel_responses(self, pruner: ChannelPruner, data: Dataset) -> dict[str, torch.Tensor]:
         """Each group root's channel responses (channels, images): spatial means over calibration images."""
         store: dict[str, list[torch.Tensor]] = {}
-        roots = pruner.root_modules()
-        hooks = [
-            m.register_forward_hook(
-                lambda _m, _i, out, name=name: store.setdefault(name, []).append(
-                    (out.float().flatten(2).mean(2) if out.dim() > 2 else out.float()).T.cpu()
-                )
-            )
-            for name, m in roots.items()
-        ]
-        model = pruner.model
-        was_training = model.training
-        model.eval()
+
+        def keep(name: str):
+            def hook(_m: nn.Module, _i: object, out: torch.Tensor) -> None:
+                pooled = out.float().flatten(2).mean(2) if out.dim() > 2 else out.float()
+                store.setdefault(name, []).append(pooled.T.cpu())
+
+            return hook
+
         count = min(self.cfg.acp.calibration_images, len(data))
         loader = DataLoader(Subset(data, range(count)), batch_size=self.cfg.data.eval_batch_size)
-        try:
+        hooks = {m: keep(name) for name, m in pruner.root_modules().items()}
+        with inspecting(pruner.model, hooks):
             for x, _ in loader:
-                model(x.to(self.accelerator.device))
-        finally:
-            model.train(was_training)
-            for h in hooks:
-                h.remove()
+                pruner.model(x.to(self.accelerator.device))
         return {name: torch.cat(chunks, dim=1) for name, chunks in store.items()}
 
     def _try_structure(self, teacher: nn.Module, widths: dict[str, int], train: Dataset, holdout: Dataset) -> float:
@@ -701,6 +696,12 @@ class Engine:
                 correct += int((model(x.to(device)).argmax(1) == y.to(device)).sum())
                 total += len(y)
         return 100.0 * correct / max(total, 1)
+
+    def _taps(self, student: nn.Module) -> list[str]:
+        """Modules tapped for attention transfer; none when its weight is 0 (so any model works without it)."""
+        if self.cfg.loss.at.weight == 0:
+            return []
+        return self.cfg.model.taps or default_taps(student, self.cfg.model.name)
 
     def _apply_capacity(self, student: nn.Module, pruner: ChannelPruner) -> None:
         """With `prune.capacity.enabled`: estimate each group's maximum prunable ratio once, on the unpruned student

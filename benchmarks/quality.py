@@ -47,7 +47,7 @@ ARMS = {
     },
 }
 SETTINGS = {
-    False: {"subset": 20000, "teacher_epochs": 30, "intervals": 4, "between": 2, "finetune": 4},
+    False: {"subset": 15000, "teacher_epochs": 25, "intervals": 3, "between": 2, "finetune": 4},
     True: {"subset": 5000, "teacher_epochs": 15, "intervals": 3, "between": 1, "finetune": 2},
 }
 
@@ -81,7 +81,13 @@ def base_config(data: Path, s: dict, seed: int) -> dict:
             "eval_batch_size": 500,
             "train_subset": s["subset"],
         },
-        "train": {"epochs": s["teacher_epochs"], "teacher_epochs": s["teacher_epochs"], "lr": 0.05, "log_every": 50},
+        "train": {
+            "epochs": s["teacher_epochs"],
+            "teacher_epochs": s["teacher_epochs"],
+            "lr": 0.05,
+            "log_every": 50,
+            "eval_every": 5,
+        },
         "prune": {
             "criterion": "l1",
             "target_flops_ratio": 0.5,

@@ -98,6 +98,15 @@ def test_l1_removes_the_weakest_filters_first() -> None:
     assert 3 not in survivors and 7 not in survivors
 
 
+def test_a_frozen_model_is_traced_and_stays_frozen() -> None:
+    model = Residual().requires_grad_(False)
+    example = torch.randn(1, 3, 16, 16)
+    pruner = ChannelPruner(model, example, [model.fc])
+    assert set(pruner.widths()) == {"a", "b"}
+    pruner.prune_to(0.6 * model_cost(model, example).flops, "flops", create_importance("l1"))
+    assert not any(p.requires_grad for p in model.parameters())
+
+
 def test_registry_lists_the_required_criteria() -> None:
     assert {"l1", "l2", "bn_scale", "taylor"} <= set(IMPORTANCES.names())
 

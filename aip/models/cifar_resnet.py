@@ -5,6 +5,8 @@ Shortcuts that change shape are 1x1 convolution + BN (option B), which Torch-Pru
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
@@ -12,6 +14,8 @@ from aip.models.registry import register_model
 
 
 class BasicBlock(nn.Module):
+    """Two 3x3 conv-BN layers plus a shortcut (identity, or 1x1 conv + BN when the shape changes)."""
+
     def __init__(self, in_planes: int, planes: int, stride: int = 1) -> None:
         super().__init__()
         self.conv1 = nn.Conv2d(in_planes, planes, 3, stride=stride, padding=1, bias=False)
@@ -33,6 +37,8 @@ class BasicBlock(nn.Module):
 
 
 class CifarResNet(nn.Module):
+    """Stem conv, three stages (layer1..layer3) of n BasicBlocks at 16/32/64 channels, global pool, fc."""
+
     def __init__(self, depth: int, num_classes: int = 10, in_channels: int = 3) -> None:
         super().__init__()
         if (depth - 2) % 6 != 0:
@@ -65,7 +71,9 @@ class CifarResNet(nn.Module):
         return self.fc(torch.flatten(self.pool(x), 1))
 
 
-def _factory(depth: int):
+def _factory(depth: int) -> Callable[..., CifarResNet]:
+    """A registry factory for one depth, with the (num_classes, in_channels) signature of all registered models."""
+
     def create(num_classes: int = 10, in_channels: int = 3) -> CifarResNet:
         return CifarResNet(depth, num_classes, in_channels)
 

@@ -11,6 +11,8 @@ VGG16 = [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512
 
 
 class VGG(nn.Module):
+    """Conv-BN-ReLU layers and max pools as listed in `cfg` ("M": pool), global pool, one linear classifier."""
+
     def __init__(self, cfg: list, num_classes: int = 10, in_channels: int = 3) -> None:
         super().__init__()
         layers: list[nn.Module] = []

@@ -17,6 +17,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from aip.hooks import inspecting
+
 
 @dataclass
 class LayerCapacity:
@@ -71,16 +73,11 @@ def estimate_capacity(
 
         return on_forward
 
-    hooks = [module.register_forward_hook(tap(name)) for name, module in layers.items()]
-    was_training = model.training
-    model.eval()
     try:
-        run_batches(model)
+        with inspecting(model, {module: tap(name) for name, module in layers.items()}):
+            run_batches(model)
     finally:
-        model.train(was_training)
         model.zero_grad(set_to_none=True)
-        for h in hooks:
-            h.remove()
     missing = [n for n, g in grads.items() if not g]
     if missing:
         raise RuntimeError(f"no gradient reached {missing[:5]}: run_batches must call backward")

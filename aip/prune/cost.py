@@ -8,6 +8,8 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from aip.hooks import inspecting
+
 
 @dataclass(frozen=True)
 class Cost:
@@ -18,11 +20,6 @@ class Cost:
 @torch.no_grad()
 def model_cost(model: nn.Module, example: torch.Tensor) -> Cost:
     """FLOPs of one forward of `example` (batch 1 recommended) and the parameter count; the mode is restored."""
-    was_training = model.training
-    model.eval()
-    try:
-        with FlopCounterMode(display=False) as counter:
-            model(example)
-    finally:
-        model.train(was_training)
+    with inspecting(model), FlopCounterMode(display=False) as counter:
+        model(example)
     return Cost(flops=int(counter.get_total_flops()), params=sum(p.numel() for p in model.parameters()))

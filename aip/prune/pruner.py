@@ -16,6 +16,7 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
+from aip.hooks import inspecting
 from aip.prune.cost import model_cost
 from aip.prune.importance import needs_features, needs_gradients
 
@@ -57,8 +58,15 @@ class ChannelPruner:
         self.max_layer_ratio = max_layer_ratio
         self.ignored = [m for layer in ignored_layers for m in layer.modules()]
         was_training = model.training
-        self.graph = tp.DependencyGraph().build_dependency(model, example_inputs=example_inputs, verbose=False)
-        model.train(was_training)  # tracing leaves the model in eval mode
+        frozen = [p for p in model.parameters() if not p.requires_grad]
+        for p in frozen:  # the graph is traced through autograd: a frozen model would show no layers
+            p.requires_grad_(True)
+        try:
+            self.graph = tp.DependencyGraph().build_dependency(model, example_inputs=example_inputs, verbose=False)
+        finally:
+            model.train(was_training)  # tracing leaves the model in eval mode
+            for p in frozen:
+                p.requires_grad_(False)
         self.original_widths = self.widths()
         self.caps: dict[str, float] = {}
         self.order: dict[str, float] = {}
@@ -125,19 +133,13 @@ class ChannelPruner:
     def _channel_costs(self, metric: str) -> dict[str, float]:
         """Estimated FLOPs (or parameters) that one channel of each group carries, over all its coupled layers."""
         out_sizes: dict[nn.Module, int] = {}
-        hooks = [
-            m.register_forward_hook(lambda mod, _, out: out_sizes.__setitem__(mod, math.prod(out.shape[2:]) or 1))
-            for m in self.model.modules()
-            if isinstance(m, (nn.Conv2d, nn.Conv1d, nn.Conv3d, nn.Linear))
-        ]
-        was_training = self.model.training
-        self.model.eval()
-        try:
+
+        def keep(mod: nn.Module, _i: object, out: torch.Tensor) -> None:
+            out_sizes[mod] = math.prod(out.shape[2:]) or 1
+
+        layers = (nn.Conv2d, nn.Conv1d, nn.Conv3d, nn.Linear)
+        with inspecting(self.model, {m: keep for m in self.model.modules() if isinstance(m, layers)}):
             self.model(self.example)
-        finally:
-            self.model.train(was_training)
-            for h in hooks:
-                h.remove()
         costs: dict[str, float] = {}
         for name, _, group in self._groups():
             total = 0.0
@@ -173,6 +175,8 @@ class ChannelPruner:
         return chosen
 
     def _remove(self, chosen: dict[str, list[int]]) -> None:
+        """Prune the chosen channels; Torch-Pruning's new Parameters keep the old ones' requires_grad."""
+        frozen = {n for n, p in self.model.named_parameters() if not p.requires_grad}
         modules = dict(self.model.named_modules())
         for name, idxs in chosen.items():
             root = modules[name]
@@ -180,6 +184,9 @@ class ChannelPruner:
             group = self.graph.get_pruning_group(root, handler, sorted(idxs))
             if self.graph.check_pruning_group(group):
                 group.prune()
+        for name, param in self.model.named_parameters():
+            if name in frozen:
+                param.requires_grad_(False)
 
     def prune_to_widths(self, widths: dict[str, int], importance: tp.importance.Importance) -> None:
         """Shrink each named group to the given width, dropping its lowest-scored channels (never below one)."""

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from aip.hooks import inspecting
 from aip.prune.pruner import ChannelPruner
 
 
@@ -36,19 +37,12 @@ class WidthCost:
         model, graph = pruner.model, pruner.graph
         spatial: dict[nn.Module, int] = {}
         layers = [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
-        hooks = [
-            m.register_forward_hook(
-                lambda mod, _i, out: spatial.__setitem__(mod, out[0, 0].numel() if out.dim() > 2 else 1)
-            )
-            for m in layers
-        ]
-        was_training = model.training
-        model.eval()
-        with torch.no_grad():
+
+        def keep(mod: nn.Module, _i: object, out: torch.Tensor) -> None:
+            spatial[mod] = out[0, 0].numel() if out.dim() > 2 else 1
+
+        with inspecting(model, dict.fromkeys(layers, keep)), torch.no_grad():
             model(pruner.example)
-        model.train(was_training)
-        for h in hooks:
-            h.remove()
 
         out_group: dict[nn.Module, str] = {}
         in_group: dict[nn.Module, str] = {}
