@@ -468,7 +468,15 @@ class Engine:
                 reached = (1.0 - pruner.cost(metric) / base[metric]) / (1.0 - target_ratio(cfg))
                 criterion = criterion_for_interval(cfg.prune, stage.index, reached)
                 importance = create_importance(criterion, cfg.prune)
-                log = pruner.prune_to(stage.target * base[metric], metric, importance, self._calibrate(stage.index))
+                calibrate = self._calibrate(stage.index)
+                if criterion == "activation" and cfg.prune.activation.mode == "threshold":
+                    floor = target_ratio(cfg) * base[metric]
+                    log = pruner.prune_below(cfg.prune.activation.threshold, floor, metric, importance, calibrate)
+                    goal = f"channels under {cfg.prune.activation.threshold} of their layer's strongest, floor "
+                    goal += f"{target_ratio(cfg):.3f}"
+                else:
+                    log = pruner.prune_to(stage.target * base[metric], metric, importance, calibrate)
+                    goal = f"target {stage.target:.3f}"
                 digests = self._check_same_architecture(student, stage.index)
                 entry = {
                     "stage": stage.index,
@@ -476,7 +484,7 @@ class Engine:
                     "metric": metric,
                     "ratio_before": log.cost_before / base[metric],
                     "ratio_after": log.cost_after / base[metric],
-                    "target_ratio": stage.target,
+                    "target_ratio": log.target / base[metric],
                     "steps": log.steps,
                     "seconds": time.perf_counter() - started,
                     "widths": log.widths_after,
@@ -485,8 +493,7 @@ class Engine:
                 self.state.pruning_log.append(entry)
                 self.print(
                     f"stage {stage.index}: pruned ({criterion}) {metric} "
-                    f"{entry['ratio_before']:.3f} -> {entry['ratio_after']:.3f} of the teacher "
-                    f"(target {stage.target:.3f})"
+                    f"{entry['ratio_before']:.3f} -> {entry['ratio_after']:.3f} of the teacher ({goal})"
                 )
             prepared_student = self._recover(
                 stage,

@@ -1,4 +1,8 @@
-"""The stage table: params, FLOPs, top-1 and top-5 per stage with their ratios to the teacher, as JSON and Markdown."""
+"""The stage table: params, FLOPs, top-1 and top-5 per stage with their ratios to the teacher, as JSON and Markdown,
+and a plot of accuracy against FLOPs stage by stage.
+
+Latency is left to benchmarks/speed.py: timings are noisy, and a resumed run must write the same table as an
+unbroken one."""
 
 from __future__ import annotations
 
@@ -33,8 +37,32 @@ def table_lines(teacher: Row, stages: list[Row]) -> list[str]:
     return lines
 
 
+def plot_stages(teacher: Row, stages: list[Row], path: Path) -> None:
+    """Top-1 and top-5 against the FLOPs ratio to the teacher, one point per stage, the teacher at 1.0."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ratios = [1.0] + [row["flops"] / teacher["flops"] for row in stages]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for key, label in (("top1", "top-1"), ("top5", "top-5")):
+        values = [teacher[key]] + [row[key] for row in stages]
+        ax.plot(ratios, values, marker="o", label=label)
+        for ratio, value, name in zip(ratios, values, ["T"] + [str(r["stage"]) for r in stages], strict=True):
+            ax.annotate(name, (ratio, value), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    ax.invert_xaxis()
+    ax.set_xlabel("FLOPs ratio to the teacher")
+    ax.set_ylabel("accuracy (%) on the validation set")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def write_report(run_dir: Path, teacher: Row, stages: list[Row]) -> str:
-    """Write report.json and report.md into the run directory; return the Markdown table."""
+    """Write report.json, report.md and (with stages) report.png into the run directory; return the Markdown table."""
     run_dir = Path(run_dir)
     (run_dir / "report.json").write_text(json.dumps({"teacher": teacher, "stages": stages}, indent=1))
     table = "\n".join(table_lines(teacher, stages))
@@ -42,4 +70,6 @@ def write_report(run_dir: Path, teacher: Row, stages: list[Row]) -> str:
         "# Stage table\n\nFLOPs from torch.utils.flop_counter (one image); top-1/top-5 in % on the validation set."
         f"\n\n{table}\n"
     )
+    if stages:
+        plot_stages(teacher, stages, run_dir / "report.png")
     return table

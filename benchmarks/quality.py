@@ -39,10 +39,12 @@ ARMS = {
         "loss": {"ce": {"weight": 1.0}, "kd": {"weight": 0.0}, "at": {"weight": 0.0}, "adv": {"weight": 0.0}}
     },
     "b_kd": {"loss": {"ce": {"weight": 0.7}, "kd": {"weight": 0.3}, "at": {"weight": 0.0}, "adv": {"weight": 0.0}}},
-    "c_kd_at": {"loss": {"ce": {"weight": 0.7}, "kd": {"weight": 0.3}, "at": {"weight": 1.0}, "adv": {"weight": 0.0}}},
-    "d_aip": {"loss": {"ce": {"weight": 0.7}, "kd": {"weight": 0.3}, "at": {"weight": 1.0}, "adv": {"weight": 1.0}}},
+    "c_kd_at": {
+        "loss": {"ce": {"weight": 0.7}, "kd": {"weight": 0.3}, "at": {"weight": 1000.0}, "adv": {"weight": 0.0}}
+    },
+    "d_aip": {"loss": {"ce": {"weight": 0.7}, "kd": {"weight": 0.3}, "at": {"weight": 1000.0}, "adv": {"weight": 1.0}}},
     "e_aip_hybrid": {
-        "loss": {"ce": {"weight": 0.7}, "kd": {"weight": 0.3}, "at": {"weight": 1.0}, "adv": {"weight": 1.0}},
+        "loss": {"ce": {"weight": 0.7}, "kd": {"weight": 0.3}, "at": {"weight": 1000.0}, "adv": {"weight": 1.0}},
         "prune": {"criterion": "hybrid"},
     },
 }

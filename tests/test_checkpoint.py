@@ -70,3 +70,4 @@ def test_report_json_and_markdown(tmp_path: Path) -> None:
     assert json.loads((tmp_path / "report.json").read_text()) == {"teacher": teacher, "stages": stages}
     assert "| 1 | prune | 600 | 2.00M | 88.50 | 98.00 | 0.600 | 0.500 | -1.50 |" in table
     assert table in (tmp_path / "report.md").read_text()
+    assert (tmp_path / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -158,3 +158,70 @@ def test_hybrid_with_capacity_caps_reaches_its_target_and_logs_the_switch(tmp_pa
     assert (out / "capacity.png").stat().st_size > 1000
     analysis = json.loads((out / "capacity.json").read_text())
     assert 0.0 < analysis["max_compression"]["flops"] < 1.0
+
+
+def _with_quiet_channels(quiet: list[int]) -> Residual:
+    """Conv b's BN silences the `quiet` channels (scale and shift near 0); biases 10..41 name the others."""
+    torch.manual_seed(0)
+    model = Residual()
+    with torch.no_grad():
+        model.bn_b.bias.copy_(torch.arange(10.0, 42.0))
+        for i in quiet:
+            model.bn_b.weight[i] = 0.0
+            model.bn_b.bias[i] = 0.01 * (i + 1)
+    return model.eval()
+
+
+def _calibrate(m: nn.Module) -> None:
+    m(torch.randn(16, 3, 16, 16))
+
+
+def test_activation_scores_are_relative_to_the_layer_maximum_and_silent_channels_go_first() -> None:
+    model = _with_quiet_channels([3, 20])
+    example = torch.randn(1, 3, 16, 16)
+    pruner = ChannelPruner(model, example, [model.fc])
+    importance = create_importance("activation")
+    with importance.recording(model):
+        _calibrate(model)
+    scores = {name: importance(group) for name, _, group in pruner._groups()}
+    assert scores["b"].max() == pytest.approx(1.0) and scores["b"].min() >= 0.0
+    assert set(scores["b"].argsort()[:2].tolist()) == {3, 20}
+    assert scores["b"][3] < 0.01 and scores["b"][20] < 0.01
+
+    one_channel_of_b = 2 * 16 * 3 * 3 * 16 * 16
+    base = model_cost(model, example).flops
+    log = pruner.prune_to(base - one_channel_of_b * 1.5, "flops", importance, _calibrate)
+    assert log.widths_after == {**log.widths_before, "b": 30}
+    assert 0.04 not in model.bn_b.bias.tolist() and 0.21 not in [round(b, 2) for b in model.bn_b.bias.tolist()]
+
+
+def test_activation_threshold_removes_exactly_the_quiet_channels_and_respects_the_floor() -> None:
+    example = torch.randn(1, 3, 16, 16)
+    model = _with_quiet_channels([1, 7, 30])
+    pruner = ChannelPruner(model, example, [model.fc])
+    base = model_cost(model, example).flops
+    log = pruner.prune_below(0.1, 0.1 * base, "flops", create_importance("activation"), _calibrate)
+    assert log.widths_after == {**log.widths_before, "b": 29}
+    assert sorted(model.bn_b.bias.tolist()) == [float(v) for v in range(10, 42) if v not in (11, 17, 40)]
+
+    model = _with_quiet_channels([1, 7, 30])
+    pruner = ChannelPruner(model, example, [model.fc])
+    one_channel_of_b = 2 * 16 * 3 * 3 * 16 * 16
+    log = pruner.prune_below(0.1, base - one_channel_of_b, "flops", create_importance("activation"), _calibrate)
+    assert log.widths_after["b"] == 31  # one quiet channel fits above the floor, the other two stay
+    assert log.cost_after >= 0.98 * (base - one_channel_of_b)
+
+
+def test_activation_threshold_run_logs_its_rule_and_never_passes_the_target(tmp_path: Path) -> None:
+    overrides = {
+        "prune.criterion": "activation",
+        "prune.activation": {"mode": "threshold", "threshold": 0.95},
+        "prune.target_flops_ratio": 0.7,
+        "prune.finetune_epochs": 0,
+    }
+    run_dir = tmp_path / "run"
+    assert main(["--config", str(_config(tmp_path, **overrides)), "--out", str(run_dir)]) == 0
+    log = json.loads((run_dir / "pruning_log.json").read_text())
+    assert [e["criterion"] for e in log] == ["activation", "activation"]
+    assert log[0]["ratio_after"] < 1.0  # a 2-epoch teacher has channels under 0.95 of their layer's strongest
+    assert all(e["ratio_after"] >= 0.7 * 0.98 and e["target_ratio"] == pytest.approx(0.7) for e in log)

@@ -148,6 +148,65 @@ class SimilarityImportance(tp.importance.Importance):
         return redundancy_scores(torch.cat(parts, dim=1))
 
 
+class ActivationImportance(tp.importance.Importance):
+    """Mean absolute activation of each channel on calibration batches, divided by its layer's maximum (in [0, 1]).
+
+    The AIP authors' criterion: a channel that hardly ever fires carries little. Each coupled layer of the group
+    counts: its BatchNorm outputs where the group has BatchNorms (activations on a common scale), else its
+    conv/linear outputs; the group's score per channel is the mean over those layers. Scores lie in [0, 1], so
+    `prune.activation.mode: threshold` can remove every channel under a fixed fraction of its layer's strongest.
+    """
+
+    needs_features = True
+
+    def __init__(self) -> None:
+        self.means: dict[nn.Module, torch.Tensor] = {}
+
+    @contextlib.contextmanager
+    def recording(self, model: nn.Module) -> Iterator[None]:
+        """Accumulate per-channel mean |output| of every conv, linear and BatchNorm layer while open."""
+        sums: dict[nn.Module, torch.Tensor] = {}
+        counts: dict[nn.Module, int] = {}
+
+        def keep(module: nn.Module, _inputs: object, out: torch.Tensor) -> None:
+            flat = out.detach().float().abs().transpose(0, 1).flatten(1)  # (channels, samples * positions)
+            sums[module] = sums.get(module, 0) + flat.sum(dim=1).cpu()
+            counts[module] = counts.get(module, 0) + flat.shape[1]
+
+        kinds = (nn.Conv2d, nn.Linear, nn.modules.batchnorm._BatchNorm)
+        hooks = [m.register_forward_hook(keep) for m in model.modules() if isinstance(m, kinds)]
+        try:
+            yield
+        finally:
+            for h in hooks:
+                h.remove()
+            self.means = {m: total / counts[m] for m, total in sums.items()}
+
+    @torch.no_grad()
+    def __call__(self, group: tp.dependency.Group) -> torch.Tensor | None:
+        width = len(group[0].idxs)
+        out_handlers = (tp.prune_conv_out_channels, tp.prune_linear_out_channels, tp.prune_batchnorm_out_channels)
+        layers = [
+            item
+            for item in group
+            if item.dep.handler in out_handlers and item.dep.target.module in self.means and len(item.idxs) == width
+        ]
+        norms = [item for item in layers if item.dep.handler == tp.prune_batchnorm_out_channels]
+        parts = []
+        for item in norms or layers:
+            means = self.means[item.dep.target.module]
+            score = torch.empty(width)
+            score[torch.as_tensor(list(item.root_idxs))] = means[torch.as_tensor(list(item.idxs))]
+            parts.append(score / means.max().clamp_min(1e-12))
+        return torch.stack(parts).mean(dim=0) if parts else None
+
+
+@register_importance("activation")
+def activation_importance(cfg: PruneConfig) -> tp.importance.Importance:
+    """Mean absolute activation per channel, relative to its layer's maximum (the AIP authors' criterion)."""
+    return ActivationImportance()
+
+
 @register_importance("similarity")
 def similarity_importance(cfg: PruneConfig) -> tp.importance.Importance:
     """Redundancy: one of each pair of near-identical filters (or feature maps, prune.similarity.source) first."""

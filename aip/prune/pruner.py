@@ -206,6 +206,23 @@ class ChannelPruner:
         c = model_cost(self.model, self.example)
         return float(c.flops if metric == "flops" else c.params)
 
+    def _calibrate_gradients(self, importance: tp.importance.Importance, calibrate: Callable | None) -> None:
+        """Fill `.grad` from calibration batches when the criterion reads gradients."""
+        if needs_gradients(importance):
+            if calibrate is None:
+                raise PruningError("this criterion reads gradients: pass a calibrate function that fills .grad")
+            self.model.zero_grad(set_to_none=True)
+            calibrate(self.model)
+
+    def _record_features(self, importance: tp.importance.Importance, calibrate: Callable | None) -> None:
+        """Record the current model's feature maps on calibration batches when the criterion reads them."""
+        if needs_features(importance):
+            if calibrate is None:
+                raise PruningError("this criterion reads feature maps: pass a calibrate function")
+            with importance.recording(self.model):
+                calibrate(self.model)
+            self.model.zero_grad(set_to_none=True)
+
     def prune_to(
         self,
         target: float,
@@ -221,21 +238,12 @@ class ChannelPruner:
         over for the next one, so narrow, expensive layers do not push the result far below the target.
         """
         was_training = self.model.training
-        if needs_gradients(importance):
-            if calibrate is None:
-                raise PruningError("this criterion reads gradients: pass a calibrate function that fills .grad")
-            self.model.zero_grad(set_to_none=True)
-            calibrate(self.model)
+        self._calibrate_gradients(importance, calibrate)
         widths_before = self.widths()
         before = current = self.cost(metric)
         steps = 0
         while current > target:
-            if needs_features(importance):  # feature maps of the current (partly pruned) model
-                if calibrate is None:
-                    raise PruningError("this criterion reads feature maps: pass a calibrate function")
-                with importance.recording(self.model):
-                    calibrate(self.model)
-                self.model.zero_grad(set_to_none=True)
+            self._record_features(importance, calibrate)  # feature maps of the current (partly pruned) model
             candidates = self._candidates(importance)
             if not candidates:
                 raise PruningError(
@@ -256,3 +264,28 @@ class ChannelPruner:
         self.model.zero_grad(set_to_none=True)
         self.model.train(was_training)
         return IntervalLog(before, current, target, steps, widths_before, self.widths())
+
+    def prune_below(
+        self,
+        threshold: float,
+        floor: float,
+        metric: str,
+        importance: tp.importance.Importance,
+        calibrate: Callable[[nn.Module], None] | None = None,
+        tolerance: float = 0.02,
+    ) -> IntervalLog:
+        """Remove, in one step, every channel scored under `threshold` (per-group caps hold), lowest first, but
+        never take the cost below `floor`. For criteria with absolute scores, such as `activation`."""
+        was_training = self.model.training
+        self._calibrate_gradients(importance, calibrate)
+        self._record_features(importance, calibrate)
+        widths_before = self.widths()
+        before = self.cost(metric)
+        candidates = [c for c in self._candidates(importance) if c[0] < threshold]
+        steps = 0
+        if candidates and before > floor:
+            self._remove(self._choose(candidates, self._channel_costs(metric), before - floor, tolerance * floor))
+            steps = 1
+        self.model.zero_grad(set_to_none=True)
+        self.model.train(was_training)
+        return IntervalLog(before, self.cost(metric), floor, steps, widths_before, self.widths())
