@@ -3,7 +3,7 @@
     python benchmarks/speed.py [--quick] [--device cpu|cuda] [--out benchmarks/results]
 
 (i)   one AIP training step (the trainer's own DistillStep) against one plain cross-entropy step of the same student
-      plus one teacher forward in inference mode, timed apart, on the same batch;
+      plus one teacher forward in inference mode, timed apart (the two steps in turns), on the same batch;
 (ii)  torchvision ResNet-18/50 (224x224) and CIFAR ResNet-56 (32x32) pruned to 50% and 25% of their FLOPs (L1):
       measured latency speed-up against the FLOPs speed-up, batch 1 and 32, eval mode, torch.inference_mode, with
       channels_last where it is faster;
@@ -57,6 +57,23 @@ def median_time(fn, device: str, repeats: int, warmup: int) -> float:
     return statistics.median(times)
 
 
+def interleaved_medians(fns: dict, device: str, repeats: int, warmup: int) -> dict[str, float]:
+    """Median wall time in seconds of each function, timed in turns (one call of each per round), so that a slow
+    phase of a shared machine weighs on all of them alike rather than on whichever ran then."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            sync(device)
+            start = time.perf_counter()
+            fn()
+            sync(device)
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
 def pruned_copy(model: nn.Module, example: torch.Tensor, ratio: float) -> nn.Module:
     """A copy of `model` pruned by L1 to `ratio` of its FLOPs."""
     model = copy.deepcopy(model)
@@ -74,7 +91,7 @@ def step_overhead(device: str, repeats: int, batch: int) -> dict:
     teacher = create_model("cifar_resnet56", 10).to(acc.device).eval().requires_grad_(False)
     example = torch.randn(1, 3, 32, 32, device=acc.device)
     student = pruned_copy(teacher, example, 0.5).requires_grad_(True).train()
-    plain = copy.deepcopy(student)
+    plain, bare_teacher = copy.deepcopy(student), copy.deepcopy(teacher)  # no taps on these two
     disc = Discriminator(10).to(acc.device)
     x = torch.randn(batch, 3, 32, 32, device=acc.device)
     y = torch.randint(0, 10, (batch,), device=acc.device)
@@ -83,9 +100,6 @@ def step_overhead(device: str, repeats: int, batch: int) -> dict:
     sched = torch.optim.lr_scheduler.LambdaLR(opt_s, lambda _: 1.0)
     student_p, disc_p, opt_s, opt_d, sched = acc.prepare(student, disc, opt_s, opt_d, sched)
     taps = default_taps(student, "cifar_resnet56")
-    with FeatureTaps(teacher, taps) as t_taps, FeatureTaps(student, taps) as s_taps:
-        step = DistillStep(acc, teacher, student_p, disc_p, disc, opt_s, opt_d, sched, t_taps, s_taps, LossConfig())
-        aip = median_time(lambda: step(x, y), device, repeats, 3)
     opt_plain = torch.optim.SGD(plain.parameters(), lr=0.01, momentum=0.9)
 
     def plain_step() -> None:
@@ -97,10 +111,13 @@ def step_overhead(device: str, repeats: int, batch: int) -> dict:
 
     def teacher_forward() -> None:
         with torch.inference_mode(), acc.autocast():
-            teacher(x)
+            bare_teacher(x)
 
-    plain_t = median_time(plain_step, device, repeats, 3)
-    teacher_t = median_time(teacher_forward, device, repeats, 3)
+    with FeatureTaps(teacher, taps) as t_taps, FeatureTaps(student, taps) as s_taps:
+        step = DistillStep(acc, teacher, student_p, disc_p, disc, opt_s, opt_d, sched, t_taps, s_taps, LossConfig())
+        fns = {"aip": lambda: step(x, y), "plain": plain_step, "teacher": teacher_forward}
+        medians = interleaved_medians(fns, device, 3 * repeats, 3)
+    aip, plain_t, teacher_t = medians["aip"], medians["plain"], medians["teacher"]
     return {
         "batch": batch,
         "aip_step_s": aip,
