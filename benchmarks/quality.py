@@ -168,7 +168,7 @@ def plot(results: dict, path: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="a small version for development (about 10 minutes)")
+    parser.add_argument("--quick", action="store_true", help="a small version for development (about 7 minutes)")
     parser.add_argument("--seeds", type=int, default=1, help="seeds per arm (mean and spread reported)")
     parser.add_argument("--data", help="CIFAR-10 tree with train/ and test/ (default ~/.cache/aip/cifar10-jpeg)")
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
