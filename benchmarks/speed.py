@@ -3,7 +3,7 @@
     python benchmarks/speed.py [--quick] [--device cpu|cuda] [--out benchmarks/results]
 
 (i)   one AIP training step (the trainer's own DistillStep) against one plain cross-entropy step of the same student
-      plus one teacher forward in inference mode, timed apart (the two steps in turns), on the same batch;
+      plus one teacher forward in inference mode, the three timed apart but in turns, on the same batch;
 (ii)  torchvision ResNet-18/50 (224x224) and CIFAR ResNet-56 (32x32) pruned to 50% and 25% of their FLOPs (L1):
       measured latency speed-up against the FLOPs speed-up, batch 1 and 32, eval mode, torch.inference_mode, with
       channels_last where it is faster;

@@ -192,7 +192,7 @@ def test_activation_scores_are_relative_to_the_layer_maximum_and_silent_channels
     base = model_cost(model, example).flops
     log = pruner.prune_to(base - one_channel_of_b * 1.5, "flops", importance, _calibrate)
     assert log.widths_after == {**log.widths_before, "b": 30}
-    assert 0.04 not in model.bn_b.bias.tolist() and 0.21 not in [round(b, 2) for b in model.bn_b.bias.tolist()]
+    assert model.bn_b.bias.min() >= 10.0  # both quiet channels (biases 0.04 and 0.21) went, the others stay
 
 
 def test_activation_threshold_removes_exactly_the_quiet_channels_and_respects_the_floor() -> None:
