@@ -19,6 +19,8 @@ from typing import Any
 
 MANIFEST = "manifest.json"
 STATE_DIR = "state"
+# What resume needs of every checkpoint: the architecture, the run state and the student's weights.
+REQUIRED = ("history.json", "meta.json", f"{STATE_DIR}/model.safetensors")
 _NAME = re.compile(r"stage-(\d+)(?:-step-(\d+))?")
 
 
@@ -32,9 +34,10 @@ def stage_dir(run_dir: Path, stage: int, step: int | None = None) -> Path:
     return Path(run_dir) / "checkpoints" / name
 
 
-def _order(path: Path) -> tuple[int, int]:
+def _order(path: Path) -> tuple[int, int, int]:
+    """Oldest first: stage NN's mid-stage checkpoints by step, then its end (the completed stage comes last)."""
     stage, step = _NAME.fullmatch(path.name).groups()
-    return int(stage), -1 if step is None else int(step)
+    return (int(stage), 0, int(step)) if step is not None else (int(stage), 1, 0)
 
 
 def _sha256(path: Path) -> str:
@@ -64,6 +67,11 @@ def verify(root: Path) -> str | None:
         entries = json.loads(manifest.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError):
         return "manifest is unreadable"
+    if not _well_formed(entries):
+        return "manifest is malformed (expected file: {size, sha256} entries)"
+    for rel in REQUIRED:
+        if rel not in entries:
+            return f"{rel} is missing"
     for rel, want in entries.items():
         path = root / rel
         if not path.is_file():
@@ -72,7 +80,24 @@ def verify(root: Path) -> str | None:
             return f"{rel} has {path.stat().st_size} bytes, the manifest says {want['size']}"
         if _sha256(path) != want["sha256"]:
             return f"{rel} does not match its checksum"
+    for rel, kind in (("history.json", list), ("meta.json", dict)):
+        try:
+            if not isinstance(json.loads((root / rel).read_text()), kind):
+                return f"{rel} is not a JSON {'list' if kind is list else 'object'}"
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            return f"{rel} is not valid JSON"
     return None
+
+
+def _well_formed(entries: Any) -> bool:
+    """A manifest maps relative paths to {"size": int, "sha256": str}; anything else is damaged."""
+    return isinstance(entries, dict) and all(
+        isinstance(want, dict)
+        and isinstance(want.get("size"), int)
+        and not isinstance(want.get("size"), bool)
+        and isinstance(want.get("sha256"), str)
+        for want in entries.values()
+    )
 
 
 def temporary(run_dir: Path, stage: int, step: int | None = None) -> Path:
@@ -88,6 +113,24 @@ def begin(run_dir: Path, stage: int, step: int | None = None) -> Path:
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
     return tmp
+
+
+_WRITE_FAILURE = re.compile(r"no space left|disk quota|storagefull|file write failed|errno 28", re.IGNORECASE)
+
+
+def is_write_failure(exc: BaseException) -> bool:
+    """An OSError, or what torch and safetensors raise in its place when the disk is full."""
+    return isinstance(exc, OSError) or bool(_WRITE_FAILURE.search(str(exc)))
+
+
+def failed_write(run_dir: Path, stage: int, step: int | None, exc: BaseException) -> CheckpointError:
+    """Remove the temporary directory of a checkpoint whose write failed (a full disk, say) and say so in one line;
+    the checkpoints already committed stay as they were."""
+    shutil.rmtree(temporary(run_dir, stage, step), ignore_errors=True)
+    reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else " ".join(str(exc).split())
+    kept = [p.name for p in list_checkpoints(run_dir) if verify(p) is None]
+    last = f"the last good checkpoint, {kept[-1]}, is kept" if kept else "no earlier checkpoint exists"
+    return CheckpointError(f"cannot write checkpoint {stage_dir(run_dir, stage, step)}: {reason}; {last}")
 
 
 def commit(tmp: Path, run_dir: Path, stage: int, history: list, meta: dict[str, Any], step: int | None = None) -> Path:
@@ -148,12 +191,3 @@ def read(path: Path) -> tuple[list, dict[str, Any]]:
     if reason is not None:
         raise CheckpointError(f"checkpoint {str(path)!r} is damaged: {reason}")
     return json.loads((path / "history.json").read_text()), json.loads((path / "meta.json").read_text())
-
-
-def find_run_dirs(runs_root: Path, name: str) -> list[Path]:
-    """Run directories `runs_root/<name>-*` that hold a config, newest first (by modification time)."""
-    runs_root = Path(runs_root)
-    if not runs_root.is_dir():
-        return []
-    found = [p for p in runs_root.glob(f"{name}-*") if (p / "config.yaml").is_file()]
-    return sorted(found, key=lambda p: p.stat().st_mtime, reverse=True)

@@ -7,6 +7,7 @@ starts, with the key and what is allowed.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -22,9 +23,16 @@ class ConfigError(ValueError):
 
 @dataclass
 class ModelConfig:
+    # A registered name, `torchvision:<name>`, `timm:<name>`, or `package.module:callable` (your own class).
     name: str = "cifar_resnet20"
+    # Keyword arguments of `package.module:callable`; num_classes (and in_channels) are added when it takes them.
+    kwargs: dict[str, Any] = field(default_factory=dict)
     # Local checkpoint of a trained teacher (a state dict, or a run's teacher.pt); none: `mode: aip` trains one.
     teacher_checkpoint: str | None = None
+    # Unpickle a teacher checkpoint that holds Python objects besides tensors (only for a file you trust).
+    trust_checkpoint: bool = False
+    # Substring renames of the teacher checkpoint's keys, applied in order, e.g. {".downsample.": ".shortcut."}.
+    checkpoint_rename: dict[str, str] = field(default_factory=dict)
     # Module names whose outputs feed attention transfer; none: the family's stage ends, found automatically.
     taps: list[str] | None = None
 
@@ -40,6 +48,9 @@ class DataConfig:
     augment: bool = True
     # Use only a fixed random choice of N training samples (the same every run, for quick runs); none: all of them.
     train_subset: int | None = None
+    # Per-channel normalisation; none: the data set's own (the synthetic set has none: mean 0, std 1).
+    mean: list[float] | None = None
+    std: list[float] | None = None
     # Synthetic data set only.
     num_classes: int = 10
     image_size: int = 32
@@ -59,7 +70,8 @@ class TrainConfig:
     # Evaluate every N epochs of plain training (the last epoch always); on a CPU a full test set can cost as much
     # as a training epoch.
     eval_every: int = 1
-    mixed_precision: str = "no"
+    # `no`, `fp16` or `bf16`; null: whatever the launcher says (`accelerate launch --mixed_precision`), else `no`.
+    mixed_precision: str | None = None
     log_every: int = 20
 
 
@@ -157,6 +169,8 @@ class AcpConfig:
     distill: bool = True
     # The final recovery of the best structure: the AIP losses, or plain cross-entropy fine-tuning.
     final: str = "aip"
+    # Process-group timeout of an ACP run: every process waits at each swarm iteration for the slowest one's share.
+    timeout_minutes: float = 120.0
 
 
 @dataclass
@@ -217,7 +231,8 @@ class Config:
         return dataclasses.asdict(self)
 
 
-MODES = ("aip", "train", "acp")
+SEED_MAX = 2**32 - 1
+MODES = ("aip", "train", "acp", "eval")
 ACP_FINAL = ("aip", "finetune")
 SCHEDULERS = ("cosine", "step", "constant")
 MIXED_PRECISION = ("no", "fp16", "bf16")
@@ -234,6 +249,11 @@ def _describe(tp: Any) -> str:
         return " or ".join(_describe(a) for a in typing.get_args(tp))
     if typing.get_origin(tp) is list:
         return f"a list of {_describe(typing.get_args(tp)[0])}"
+    if typing.get_origin(tp) is dict:
+        key, value = typing.get_args(tp)
+        return f"a mapping of {_describe(key)} to {_describe(value)}"
+    if tp is Any:
+        return "any value"
     return {type(None): "null", str: "a string", int: "an integer", float: "a number", bool: "true/false"}.get(
         tp, getattr(tp, "__name__", str(tp))
     )
@@ -248,9 +268,15 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             except ConfigError:
                 continue
         raise ConfigError(f"{key}: expected {_describe(tp)}, got {value!r}")
+    if tp is Any:
+        return value
     if tp is type(None):
         if value is None:
             return None
+    elif typing.get_origin(tp) is dict:
+        if isinstance(value, dict):
+            key_tp, value_tp = typing.get_args(tp)
+            return {_coerce(k, key_tp, key): _coerce(v, value_tp, f"{key}.{k}") for k, v in value.items()}
     elif typing.get_origin(tp) is list:
         if isinstance(value, (list, tuple)):
             (item,) = typing.get_args(tp)
@@ -264,6 +290,11 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     elif tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads a number without a dot, such as 1e-2, as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
     elif tp is str:
         if isinstance(value, str):
             return value
@@ -321,7 +352,9 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
         if not path.is_file():
             raise ConfigError(f"--config {str(path)!r}: no such file; the recipes are in configs/")
         try:
-            loaded = yaml.safe_load(path.read_text())
+            loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"--config {str(path)!r}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
         except yaml.YAMLError as exc:
             raise ConfigError(f"--config {str(path)!r}: not valid YAML ({' '.join(str(exc).split())})") from None
         if loaded is not None and not isinstance(loaded, dict):
@@ -352,6 +385,18 @@ def _positive(key: str, value: float, zero_ok: bool = False) -> None:
         raise ConfigError(f"{key}: must be {'>= 0' if zero_ok else '> 0'}, got {value}")
 
 
+def _check_finite(node: Any, prefix: str = "") -> None:
+    """Every number of the config (in lists too) must be finite: `.nan` or `.inf` would pass each range check."""
+    for f in dataclasses.fields(node):
+        value, key = getattr(node, f.name), f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(value):
+            _check_finite(value, f"{key}.")
+        for i, item in enumerate(value if isinstance(value, list) else [value]):
+            if isinstance(item, float) and not math.isfinite(item):
+                where = f"{key}[{i}]" if isinstance(value, list) else key
+                raise ConfigError(f"{where}: must be a finite number, got {item}")
+
+
 def validate(cfg: Config) -> None:
     """Refuse impossible values and unknown registry names before any work is done."""
     from aip.data import DATASETS
@@ -359,9 +404,13 @@ def validate(cfg: Config) -> None:
     from aip.prune.importance import IMPORTANCES
     from aip.registry import UnknownNameError
 
+    _check_finite(cfg)
+    if not 0 <= cfg.seed <= SEED_MAX:
+        raise ConfigError(f"seed: must lie in 0..{SEED_MAX} (what NumPy's seeding takes), got {cfg.seed}")
     _choice("mode", cfg.mode, MODES)
     _choice("train.scheduler", cfg.train.scheduler, SCHEDULERS)
-    _choice("train.mixed_precision", cfg.train.mixed_precision, MIXED_PRECISION)
+    if cfg.train.mixed_precision is not None:
+        _choice("train.mixed_precision", cfg.train.mixed_precision, MIXED_PRECISION)
     _choice("prune.schedule", cfg.prune.schedule, PRUNE_SCHEDULES)
     _choice("loss.kd.kind", cfg.loss.kd.kind, KD_KINDS)
     _choice("disc.input", cfg.disc.input, DISC_INPUTS)
@@ -435,7 +484,7 @@ def validate(cfg: Config) -> None:
     acp = cfg.acp
     _choice("acp.final", acp.final, ACP_FINAL)
     _positive("acp.eps", acp.eps)
-    for key in ("min_samples", "calibration_images", "recovery_steps", "holdout_size"):
+    for key in ("min_samples", "calibration_images", "recovery_steps", "holdout_size", "timeout_minutes"):
         _positive(f"acp.{key}", getattr(acp, key))
     for key in ("particles", "iterations", "velocity_clip", "constriction"):
         _positive(f"acp.swarm.{key}", getattr(acp.swarm, key))
@@ -453,7 +502,28 @@ def validate(cfg: Config) -> None:
             f"model.teacher_checkpoint: no file at {cfg.model.teacher_checkpoint!r}; give a local path, "
             "or null to train a teacher first"
         )
+    _validate_user_model(cfg)
     DATASETS.get(cfg.data.name).validate(cfg.data)
+
+
+def _validate_user_model(cfg: Config) -> None:
+    """The keys of your own model, checkpoint and normalisation that need no data to check."""
+    from aip.models.user import is_import_path
+
+    if cfg.model.kwargs and not is_import_path(cfg.model.name):
+        raise ConfigError(
+            f"model.kwargs: only used with model.name: package.module:callable, not {cfg.model.name!r}; set it to {{}}"
+        )
+    if any(old == "" for old in cfg.model.checkpoint_rename):
+        raise ConfigError("model.checkpoint_rename: an empty key renames nothing; give the substring to replace")
+    if cfg.mode == "eval" and cfg.model.teacher_checkpoint is None:
+        raise ConfigError("model.teacher_checkpoint: required in mode eval (the weights to evaluate)")
+    for key in ("mean", "std"):
+        values = getattr(cfg.data, key)
+        if values is not None and not values:
+            raise ConfigError(f"data.{key}: one number per image channel, or null for the data set's own; got []")
+    if cfg.data.std is not None and any(v <= 0 for v in cfg.data.std):
+        raise ConfigError(f"data.std: every value must be > 0, got {cfg.data.std}")
 
 
 def save_config(cfg: Config, path: str | Path) -> None:

@@ -1,13 +1,13 @@
 """Dataset registry: cifar10, cifar100, fashion_mnist, imagefolder (ImageNet layout) and a seeded synthetic set.
 
 Nothing is downloaded unless `data.download: true`. Each entry checks its config cheaply (`validate`, called before
-any work) and builds train and validation sets with the usual augmentations (`build`).
+any work) and builds train and validation sets with the usual augmentations (`build`). `data.mean` and `data.std`
+replace a data set's normalisation; the synthetic set has none of its own, so there they apply to its raw values.
 """
 
 from __future__ import annotations
 
-import hashlib
-import os
+import copy
 import pickle
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -18,9 +18,9 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset, Subset
 from torchvision import datasets
 from torchvision.transforms import v2
-from tqdm.auto import tqdm
 
 from aip.config import ConfigError, DataConfig
+from aip.images import decode_folder, load_image
 from aip.registry import Registry
 
 DATASETS = Registry("dataset")
@@ -52,6 +52,19 @@ class DataBundle:
     val: Dataset
     num_classes: int
     input_shape: tuple[int, int, int]  # (C, H, W)
+    # The training images through the validation transform (no augmentation), index for index like `train`: what
+    # measurements on training images (ACP's fitness and channel responses) read. build_data fills it in.
+    train_eval: Dataset | None = None
+
+
+def eval_view(train: Dataset, val: Dataset) -> Dataset:
+    """`train` with `val`'s transform (a shallow copy: the images are shared), for data sets that hold their
+    transform as a `transform` attribute (ours and torchvision's); otherwise `train` itself."""
+    if not (hasattr(train, "transform") and hasattr(val, "transform")):
+        return train
+    view = copy.copy(train)
+    view.transform = val.transform
+    return view
 
 
 class TensorImages(Dataset):
@@ -75,11 +88,6 @@ class TensorImages(Dataset):
         return x, int(self.labels[i])
 
 
-def cache_dir() -> Path:
-    """Where decoded data sets are cached: $AIP_CACHE_DIR, else ~/.cache/aip."""
-    return Path(os.environ.get("AIP_CACHE_DIR", Path.home() / ".cache" / "aip"))
-
-
 SUBSET_SEED = 0
 
 
@@ -90,9 +98,12 @@ def build_data(cfg: DataConfig) -> DataBundle:
     not the run's) so that every run and every process trains on the same images.
     """
     bundle = DATASETS.get(cfg.name).build(cfg)
+    if bundle.train_eval is None:
+        bundle.train_eval = eval_view(bundle.train, bundle.val)
     if cfg.train_subset is not None and cfg.train_subset < len(bundle.train):
         order = torch.randperm(len(bundle.train), generator=torch.Generator().manual_seed(SUBSET_SEED))
-        bundle.train = Subset(bundle.train, sorted(order[: cfg.train_subset].tolist()))
+        keep = sorted(order[: cfg.train_subset].tolist())
+        bundle.train, bundle.train_eval = Subset(bundle.train, keep), Subset(bundle.train_eval, keep)
     return bundle
 
 
@@ -101,6 +112,24 @@ def _require_root(cfg: DataConfig, what: str) -> Path:
     if cfg.root is None:
         raise ConfigError(f"data.root: required for data.name={cfg.name}; set it to the directory that holds {what}")
     return Path(cfg.root)
+
+
+def _check_norm(cfg: DataConfig, channels: int) -> None:
+    """data.mean and data.std, when set, give one value per image channel (std > 0 is checked with the config)."""
+    for key in ("mean", "std"):
+        values = getattr(cfg, key)
+        if values is not None and len(values) != channels:
+            raise ConfigError(
+                f"data.{key}: {cfg.name} images have {channels} channel{'s' if channels > 1 else ''}, so give "
+                f"{channels} value{'s' if channels > 1 else ''}; got {len(values)}"
+            )
+
+
+def _norm(
+    cfg: DataConfig, mean: tuple[float, ...], std: tuple[float, ...]
+) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """The data set's default normalisation, with data.mean / data.std in its place where set."""
+    return tuple(cfg.mean or mean), tuple(cfg.std or std)
 
 
 def _check_subset(cfg: DataConfig) -> None:
@@ -167,6 +196,7 @@ class Synthetic:
         if cfg.val_size < 1:
             raise ConfigError(f"data.val_size: must be >= 1, got {cfg.val_size}")
         _check_subset(cfg)
+        _check_norm(cfg, 3)
 
     @classmethod
     def _make(cls, templates: torch.Tensor, n: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -200,8 +230,13 @@ class Synthetic:
         templates = templates / templates.flatten(1).std(dim=1).view(-1, 1, 1, 1)
         train_x, train_y = cls._make(templates, cfg.train_size, gen)
         val_x, val_y = cls._make(templates, cfg.val_size, gen)
-        flip = v2.RandomHorizontalFlip() if cfg.augment else None
-        return DataBundle(TensorImages(train_x, train_y, flip), TensorImages(val_x, val_y), cfg.num_classes, (3, s, s))
+        if cfg.mean is not None or cfg.std is not None:  # no normalisation of its own: mean 0, std 1
+            train_t, val_t = _pad_crop_flip(*_norm(cfg, (0.0,) * 3, (1.0,) * 3), 0, cfg.augment)
+        else:
+            train_t, val_t = (v2.RandomHorizontalFlip() if cfg.augment else None), None
+        return DataBundle(
+            TensorImages(train_x, train_y, train_t), TensorImages(val_x, val_y, val_t), cfg.num_classes, (3, s, s)
+        )
 
 
 def _torchvision_pair(tv_class: type, cfg: DataConfig) -> tuple[Dataset, Dataset]:
@@ -214,42 +249,6 @@ def _torchvision_pair(tv_class: type, cfg: DataConfig) -> tuple[Dataset, Dataset
             f"data.root: the {cfg.name} files under {cfg.root!r} cannot be read ({reason}); fix them, or set "
             "data.download=true"
         ) from None
-
-
-def _decode_folder(root: Path) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
-    """Decode an ImageFolder tree of equal-sized images once into a uint8 tensor, cached on disk by its path.
-
-    The cache is keyed by the absolute path only: after changing the images, delete the cache file (its name is
-    imagefolder-<hash>.pt under $AIP_CACHE_DIR or ~/.cache/aip).
-    """
-    key = hashlib.sha256(str(root.resolve()).encode()).hexdigest()[:16]
-    path = cache_dir() / f"imagefolder-{key}.pt"
-    if path.is_file():
-        try:
-            blob = torch.load(path, weights_only=True)
-            return blob["images"], blob["labels"], blob["classes"]
-        except Exception:  # any unreadable cache (an interrupted copy, say) is rebuilt below
-            pass
-    try:
-        folder = datasets.ImageFolder(str(root))
-    except (FileNotFoundError, OSError) as exc:
-        raise ConfigError(f"data.root: {' '.join(str(exc).split())}") from None
-    to_tensor = v2.PILToTensor()
-    images = []
-    for file, _ in tqdm(folder.samples, desc=f"decoding {root} (once, then cached)", leave=False):
-        image = to_tensor(folder.loader(file))
-        if images and image.shape != images[0].shape:
-            raise ConfigError(
-                f"data.root: images under {str(root)!r} differ in size ({tuple(images[0].shape)} and "
-                f"{tuple(image.shape)} at {file!r}); this loader needs equal sizes, data.name=imagefolder resizes"
-            )
-        images.append(image)
-    blob = {"images": torch.stack(images), "labels": torch.tensor(folder.targets), "classes": folder.classes}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # per process: parallel ranks may decode at once
-    torch.save(blob, tmp)
-    tmp.replace(path)
-    return blob["images"], blob["labels"], blob["classes"]
 
 
 class _Cifar:
@@ -269,6 +268,7 @@ class _Cifar:
     def validate(cls, cfg: DataConfig) -> None:
         """data.root must be set, and hold the files unless data.download is on; nothing is read."""
         _check_subset(cfg)
+        _check_norm(cfg, 3)
         root = _require_root(cfg, f"{cfg.name} ({cls.folder_name}/)")
         if cfg.download:
             return
@@ -283,9 +283,9 @@ class _Cifar:
     def build(cls, cfg: DataConfig) -> DataBundle:
         """Both splits as uint8 tensors in memory; transforms run per sample on tensors."""
         root = _require_root(cfg, f"{cfg.name} ({cls.folder_name}/)")
-        train_t, val_t = _pad_crop_flip(cls.mean, cls.std, 4, cfg.augment)
+        train_t, val_t = _pad_crop_flip(*_norm(cfg, cls.mean, cls.std), 4, cfg.augment)
         if cls._is_folder(root) and not (root / cls.folder_name).is_dir():
-            (tx, ty, classes), (vx, vy, val_classes) = _decode_folder(root / "train"), _decode_folder(root / "test")
+            (tx, ty, classes), (vx, vy, val_classes) = decode_folder(root / "train"), decode_folder(root / "test")
             if classes != val_classes:
                 raise ConfigError(
                     f"data.root: {str(root)!r} has different class folders in train/ ({len(classes)}) and test/ "
@@ -334,6 +334,7 @@ class FashionMNIST:
     def validate(cls, cfg: DataConfig) -> None:
         """data.root must be set, and hold FashionMNIST/raw/ unless data.download is on."""
         _check_subset(cfg)
+        _check_norm(cfg, 1)
         root = _require_root(cfg, "FashionMNIST/raw/")
         if not cfg.download and not (root / "FashionMNIST" / "raw").is_dir():
             raise ConfigError(
@@ -344,7 +345,7 @@ class FashionMNIST:
     @classmethod
     def build(cls, cfg: DataConfig) -> DataBundle:
         """Both splits as uint8 tensors (N, 1, 28, 28); pad-2 crop and flip for training when augmenting."""
-        train_t, val_t = _pad_crop_flip(FASHION_MNIST_MEAN, FASHION_MNIST_STD, 2, cfg.augment)
+        train_t, val_t = _pad_crop_flip(*_norm(cfg, FASHION_MNIST_MEAN, FASHION_MNIST_STD), 2, cfg.augment)
         train, val = _torchvision_pair(datasets.FashionMNIST, cfg)
         return DataBundle(
             TensorImages(train.data[:, None], train.targets, train_t),
@@ -362,6 +363,7 @@ class ImageFolderData:
     def validate(cls, cfg: DataConfig) -> None:
         """data.root must exist with train/ and val/ folders; no image is opened."""
         _check_subset(cfg)
+        _check_norm(cfg, 3)
         root = _require_root(cfg, "train/ and val/ class folders")
         if not root.is_dir():
             raise ConfigError(f"data.root: no directory at {str(root)!r}; it must hold train/ and val/ class folders")
@@ -377,14 +379,14 @@ class ImageFolderData:
         norm = [
             v2.ToImage(),
             v2.ToDtype(torch.float32, scale=True),
-            v2.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+            v2.Normalize(*_norm(cfg, IMAGENET_MEAN, IMAGENET_STD)),
             v2.ToPureTensor(),
         ]
         resize = [v2.Resize(size + size // 7), v2.CenterCrop(size)]  # 256 then 224
         aug = [v2.RandomResizedCrop(size), v2.RandomHorizontalFlip()] if cfg.augment else resize
         try:
-            train = datasets.ImageFolder(str(root / "train"), transform=v2.Compose([*aug, *norm]))
-            val = datasets.ImageFolder(str(root / "val"), transform=v2.Compose([*resize, *norm]))
+            train = datasets.ImageFolder(str(root / "train"), v2.Compose([*aug, *norm]), loader=load_image)
+            val = datasets.ImageFolder(str(root / "val"), v2.Compose([*resize, *norm]), loader=load_image)
         except (FileNotFoundError, OSError) as exc:
             raise ConfigError(f"data.root: {' '.join(str(exc).split())}") from None
         if train.classes != val.classes:

@@ -9,6 +9,7 @@ registered so that no stale model or optimizer is saved with the next checkpoint
 from __future__ import annotations
 
 import copy
+import difflib
 import hashlib
 import json
 import math
@@ -22,34 +23,35 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import InitProcessGroupKwargs, broadcast_object_list, set_seed
 from safetensors.torch import load_file
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import DataLoader
 from torch.utils.tensorboard import SummaryWriter
 from tqdm.auto import tqdm
 
 from aip import checkpoint as ckpt
+from aip.accel import CPU_ONLY, mixed_precision, process_group_kwargs, step_before_update
 from aip.config import Config, ConfigError, KDLoss, LossConfig, WeightedLoss, save_config
 from aip.data import DataBundle, build_data
 from aip.distill.attention import attention_loss
 from aip.distill.discriminator import Discriminator
 from aip.distill.features import FeatureTaps
 from aip.distill.losses import adversarial_loss, discriminator_loss, kd_loss
-from aip.export import export_model
-from aip.hooks import inspecting
+from aip.export import EXPORT_FILE, export_loads, export_model
+from aip.guards import NonFiniteError, check_losses, check_modules, check_state
 from aip.models import classifier_of, create_model, default_taps
+from aip.models.weights import load_into, load_state_dict_file
 from aip.prune.capacity import LayerCapacity, estimate_capacity
 from aip.prune.cost import model_cost
 from aip.prune.importance import create_importance, criterion_for_interval
 from aip.prune.pruner import ChannelPruner
 from aip.prune.schedule import interval_targets
 from aip.report import write_report
+from aip.search.fitness import SearchData, channel_responses, cut_to_widths, recovered_top1, split_search_data, spread
+from aip.seeding import SeededBatches, derive_seed, seeded
 
 TEACHER_FILE = "teacher.pt"
-# With no accelerator present, tell Accelerate so: then several launched processes form a gloo group on the CPU
-# (`accelerate launch --multi_gpu --num_processes 2` or torchrun), where otherwise each would run alone.
-CPU_ONLY = not torch.accelerator.is_available()
 
 
 class RankMismatchError(RuntimeError):
@@ -109,7 +111,9 @@ def _topk_correct(logits: torch.Tensor, labels: torch.Tensor, ks: tuple[int, ...
 class DistillStep:
     """One AIP training step on a batch: the discriminator learns teacher (real) from student (fake) outputs, then
     the student learns from CE, KD, attention transfer and the adversarial loss through the bare discriminator
-    (its weights fixed), so DDP never reduces the discriminator's gradients in the student's backward."""
+    (its weights fixed), so DDP never reduces the discriminator's gradients in the student's backward.
+
+    Raises NonFiniteError, before the student's optimizer steps, when a loss term is NaN or infinite."""
 
     accelerator: Accelerator
     teacher: nn.Module
@@ -137,7 +141,7 @@ class DistillStep:
                 d_out = self.disc(torch.cat([t_logits.detach(), s_logits.detach()]).float())
                 terms["loss_d"] = discriminator_loss(d_out[: len(x)], d_out[len(x) :])
                 acc.backward(terms["loss_d"])
-                self.opt_d.step()
+                step_before_update(self.opt_d)  # the student's step updates the shared fp16 scale, once
                 self.opt_d.zero_grad(set_to_none=True)
             terms["loss_ce"] = F.cross_entropy(s_logits.float(), y)
             terms["loss_kd"] = kd_loss(s_logits.float(), t_logits.float(), w.kd.temperature, w.kd.kind)
@@ -149,6 +153,7 @@ class DistillStep:
                 self.disc_raw.requires_grad_(True)
                 loss = loss + w.adv.weight * terms["loss_adv"]
             acc.backward(loss)
+            check_losses({**terms, "loss": loss}, acc)  # before the step: a NaN never reaches the weights
             self.opt_s.step()
             self.sched.step()
             self.opt_s.zero_grad(set_to_none=True)
@@ -161,15 +166,18 @@ class Engine:
     def __init__(self, cfg: Config, run_dir: Path) -> None:
         self.cfg = cfg
         self.run_dir = Path(run_dir)
+        group = process_group_kwargs(cfg)
         self.accelerator = Accelerator(
             cpu=CPU_ONLY,
-            mixed_precision=cfg.train.mixed_precision,
+            mixed_precision=mixed_precision(cfg),
             gradient_accumulation_steps=cfg.train.grad_accum_steps,
+            kwargs_handlers=[InitProcessGroupKwargs(**group)] if group else None,
         )
         self.main = self.accelerator.is_main_process
-        if self.main:
+        if self.main:  # a run directory's config is written once, by the run that starts it; resume keeps it
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            save_config(cfg, self.run_dir / "config.yaml")
+            if not (self.run_dir / "config.yaml").exists():
+                save_config(cfg, self.run_dir / "config.yaml")
         self.accelerator.wait_for_everyone()
         set_seed(cfg.seed)
         self.data: DataBundle = build_data(cfg.data)
@@ -177,6 +185,7 @@ class Engine:
         self.writer = SummaryWriter(str(self.run_dir / "tb")) if self.main else None
         self.state = RunState()
         self._loader_gen = torch.Generator()
+        self._batches = SeededBatches(self.data.train)  # each batch fetched with seeds of its own: see _seed
 
     # ----------------------------------------------------------------- helpers
     def log(self, values: dict[str, float], step: int) -> None:
@@ -187,15 +196,22 @@ class Engine:
     def print(self, *args: Any) -> None:
         self.accelerator.print(*args)
 
+    def _bar(self, iterable: Any, desc: str, leave: bool = True) -> tqdm:
+        """A progress bar on rank 0, on a terminal only: in a log or a pipe it would be stray text before an error."""
+        return tqdm(iterable, desc=desc, disable=None if self.main else True, leave=leave)
+
     def _seed(self, stage: int, epoch: int) -> None:
-        """Seed everything from (seed, stage, epoch) so a resumed stage draws the same data as an unbroken run."""
-        value = self.cfg.seed * 100_003 + stage * 1_009 + epoch
+        """Seed everything from (seed, stage, epoch) so a resumed stage draws the same data as an unbroken run:
+        the shuffle, and each training batch's augmentation (seeded from this value and the batch's indices, so a
+        resumed epoch skips its first batches by index and still draws what follows them)."""
+        value = (self.cfg.seed * 100_003 + stage * 1_009 + epoch) % 2**32  # NumPy takes seeds below 2**32
         set_seed(value)
         self._loader_gen.manual_seed(value)
+        self._batches.seed = value
 
     def train_loader(self) -> DataLoader:
         return DataLoader(
-            self.data.train,
+            self._batches,
             batch_size=self.cfg.data.batch_size,
             shuffle=True,
             drop_last=True,
@@ -209,7 +225,8 @@ class Engine:
         )
 
     def new_model(self) -> nn.Module:
-        return create_model(self.cfg.model.name, self.data.num_classes, self.data.input_shape[0])
+        m = self.cfg.model
+        return create_model(m.name, self.data.num_classes, self.data.input_shape[0], m.kwargs, self.example)
 
     def _optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
         t = self.cfg.train
@@ -264,11 +281,15 @@ class Engine:
         for epoch in range(epochs):
             self._seed(0, epoch)
             model.train()
-            bar = tqdm(train, desc=f"{tag} epoch {epoch + 1}/{epochs}", disable=not self.main, leave=False)
+            bar = self._bar(train, f"{tag} epoch {epoch + 1}/{epochs}", leave=False)
             for x, y in bar:
                 with acc.accumulate(model):
                     loss = F.cross_entropy(model(x), y)
                     acc.backward(loss)
+                    try:
+                        check_losses({"loss_ce": loss}, acc)  # before the step: a NaN never reaches the weights
+                    except NonFiniteError as exc:
+                        raise NonFiniteError(f"{tag} training, epoch {epoch + 1}, step {step + 1}: {exc}") from None
                     optimizer.step()
                     scheduler.step()
                     optimizer.zero_grad(set_to_none=True)
@@ -285,6 +306,8 @@ class Engine:
         return model
 
     def save_weights(self, model: nn.Module, path: Path) -> None:
+        """Write `model`'s weights to `path` (rank 0), never weights that hold a NaN or an infinity."""
+        check_state(str(path), model.state_dict())
         if self.main:
             tmp = path.with_name(path.name + ".tmp")
             payload = {"model": self.cfg.model.name, "num_classes": self.data.num_classes}
@@ -293,18 +316,14 @@ class Engine:
         self.accelerator.wait_for_everyone()
 
     def load_weights(self, path: Path) -> nn.Module:
-        """A model of the configured family with weights from a teacher file (ours, or a bare state dict)."""
-        blob = torch.load(path, map_location="cpu", weights_only=True)
-        state = blob.get("state_dict", blob) if isinstance(blob, dict) else blob
+        """A model of the configured family with weights from a teacher file: ours, or one as people have them
+        (aip/models/weights.py). Trust and key renames apply to the configured model.teacher_checkpoint only."""
+        m = self.cfg.model
+        given = m.teacher_checkpoint is not None and Path(path).resolve() == Path(m.teacher_checkpoint).resolve()
+        state = load_state_dict_file(path, m.trust_checkpoint and given, m.checkpoint_rename if given else None)
         model = self.new_model()
-        try:
-            model.load_state_dict(state)
-        except (RuntimeError, TypeError) as exc:
-            first = str(exc).strip().splitlines()[0]
-            raise ConfigError(
-                f"model.teacher_checkpoint {str(path)!r} does not fit model.name={self.cfg.model.name!r} with "
-                f"{self.data.num_classes} classes: {first}"
-            ) from None
+        what = f"model.teacher_checkpoint {str(path)!r} (model.name={m.name!r}, {self.data.num_classes} classes)"
+        load_into(model, state, what)
         return model
 
     def run_train(self) -> dict[str, Any]:
@@ -342,10 +361,11 @@ class Engine:
             gen = torch.Generator().manual_seed(self.cfg.seed * 7 + stage)
             loader = DataLoader(self.data.train, batch_size=self.cfg.data.batch_size, shuffle=True, generator=gen)
             device = self.accelerator.device
-            for i, (x, y) in enumerate(loader):
-                if i == (batches or self.cfg.prune.calibration_batches):
-                    break
-                F.cross_entropy(model(x.to(device)), y.to(device)).backward()
+            with seeded(derive_seed(self.cfg.seed, "calibration", stage)):  # augmentation: not the global stream
+                for i, (x, y) in enumerate(loader):
+                    if i == (batches or self.cfg.prune.calibration_batches):
+                        break
+                    F.cross_entropy(model(x.to(device)), y.to(device)).backward()
             for p in model.parameters():
                 if p.grad is not None:
                     p.grad = self.accelerator.reduce(p.grad, "mean")
@@ -381,8 +401,9 @@ class Engine:
         """Train the student against the teacher and the discriminator for the stage's epochs.
 
         With `restore` (a mid-stage checkpoint), optimizer and scheduler states come back and training goes on at
-        `start` = (epoch, batches done): that epoch is re-seeded and its first batches are drawn and dropped, so the
-        data and the random augmentations continue as in an unbroken run.
+        `start` = (epoch, batches done): that epoch is re-seeded and its first batches are skipped by index, without
+        loading them; each batch's augmentation has seeds of its own, so the rest continues as in an unbroken run.
+        `global_step` counts optimizer steps: `checkpoint.every_n_steps` and the logs go by it.
         """
         acc, cfg = self.accelerator, self.cfg
         acc.free_memory()
@@ -400,11 +421,19 @@ class Engine:
                 self._seed(stage.index, epoch)
                 student_p.train()
                 disc_p.train()
-                bar = tqdm(train, desc=f"stage {stage.index} epoch {epoch + 1}/{stage.epochs}", disable=not self.main)
-                for batch, (x, y) in enumerate(bar):
-                    if epoch == start[0] and batch < start[1]:
-                        continue  # seen before the checkpoint this run resumed from
-                    loss, terms = step(x, y)
+                done = start[1] if epoch == start[0] else 0  # batches seen before the checkpoint resumed from
+                if done >= len(train):
+                    continue
+                batches = acc.skip_first_batches(train, done) if done else train
+                bar = self._bar(batches, f"stage {stage.index} epoch {epoch + 1}/{stage.epochs}")
+                for batch, (x, y) in enumerate(bar, start=done):
+                    try:
+                        loss, terms = step(x, y)
+                    except NonFiniteError as exc:
+                        where = f"stage {stage.index} ({stage.kind}), epoch {epoch + 1}"
+                        raise NonFiniteError(f"{where}, step {self.state.global_step + 1}: {exc}") from None
+                    if not acc.sync_gradients:
+                        continue  # a micro-batch of gradient accumulation: no optimizer step yet
                     self.state.global_step += 1
                     if self.state.global_step % cfg.train.log_every == 0:
                         values = {k: v.item() for k, v in terms.items()}
@@ -412,7 +441,7 @@ class Engine:
                         bar.set_postfix(loss=f"{values['loss']:.3f}", ce=f"{values['loss_ce']:.3f}")
                         self.log({f"train/{k}": v for k, v in values.items()}, self.state.global_step)
                         self.log({"train/lr": sched.get_last_lr()[0]}, self.state.global_step)
-                    if every and acc.sync_gradients and self.state.global_step % every == 0:
+                    if every and self.state.global_step % every == 0:
                         partial = {"stage": stage.index, "epoch": epoch, "batch": batch + 1}
                         self._save(stage.index, pruner, step=self.state.global_step, partial=partial)
         return student_p
@@ -420,6 +449,7 @@ class Engine:
     def run_aip(self, resume: Path | None = None, branch: Path | None = None) -> dict[str, Any]:
         """`mode: aip`: prune interval by interval, recovering with adversarial distillation; report and export."""
         acc, cfg = self.accelerator, self.cfg
+        self._check_taps()
         source = resume or branch
         source_run = source.parent.parent if source is not None else None
         if branch is not None and self.main:
@@ -427,7 +457,7 @@ class Engine:
         acc.wait_for_everyone()
         teacher = self.teacher(source_run)
         student = copy.deepcopy(teacher).requires_grad_(True).train()
-        disc = Discriminator(self.data.num_classes, cfg.disc.hidden, cfg.disc.input).to(acc.device)
+        disc = self._discriminator()
         example = self.example.to(acc.device)
         pruner = ChannelPruner(student, example, [classifier_of(student)], cfg.prune.max_layer_ratio)
         taps = self._taps(student)
@@ -446,16 +476,14 @@ class Engine:
                 student.load_state_dict(load_file(str(source / ckpt.STATE_DIR / "model.safetensors")))
                 self.state.global_step = 0
             self.print(f"{'resumed' if resume else 'branched'} from {source} after stage {self.state.stage}")
+        ended = resume if resume is not None and partial is None and self.state.stage >= stages[-1].index else None
         if not self.state.teacher:
             top1, top5 = self.evaluate(teacher, val)
             self.state.teacher = {**base, "top1": top1, "top5": top5}
         self._apply_capacity(student, pruner)
 
-        if resume is not None and partial is None:  # weights, optimizer and RNG states come back via Accelerate
-            acc.free_memory()
-            epochs = next((s.epochs for s in stages if s.index == self.state.stage), 1)
-            acc.prepare(student, disc, *self._stage_optimizers(student, disc, epochs))
-            acc.load_state(str(source / ckpt.STATE_DIR))
+        if resume is not None and partial is None:
+            self._restore(source, student, disc, next((s.epochs for s in stages if s.index == self.state.stage), 1))
 
         for stage in stages:
             if stage.index <= self.state.stage:
@@ -507,7 +535,22 @@ class Engine:
             )
             self._end_stage(stage, prepared_student, val, base, pruner)
 
-        return self._finish(student)
+        return self._finish(student, finished=ended)
+
+    def _discriminator(self) -> nn.Module:
+        """A fresh discriminator initialised from a seed of its own, not from the global stream (whose state depends
+        on whether the teacher was just trained or loaded), so that a restarted run builds the same one."""
+        cfg = self.cfg
+        with seeded(derive_seed(cfg.seed, "discriminator")):
+            disc = Discriminator(self.data.num_classes, cfg.disc.hidden, cfg.disc.input)
+        return disc.to(self.accelerator.device)
+
+    def _restore(self, source: Path, student: nn.Module, disc: nn.Module, epochs: int) -> None:
+        """Weights, optimizer and RNG states of the stage-end checkpoint `source`, through Accelerate."""
+        acc = self.accelerator
+        acc.free_memory()
+        acc.prepare(student, disc, *self._stage_optimizers(student, disc, epochs))
+        acc.load_state(str(source / ckpt.STATE_DIR))
 
     def _end_stage(
         self, stage: Stage, student: nn.Module, val: DataLoader, base: dict[str, int], pruner: ChannelPruner
@@ -525,15 +568,26 @@ class Engine:
         )
         self._save(stage.index, pruner)
 
-    def _finish(self, student: nn.Module) -> dict[str, Any]:
-        """Write the stage table and the pruning log, export the pruned student, close the logs."""
+    def _finish(self, student: nn.Module, finished: Path | None = None) -> dict[str, Any]:
+        """Export the pruned student (fp32, no autocast wrapper), then write the stage table and the pruning log.
+
+        `finished`: the last stage checkpoint of a run that had ended before this resume; its export is then only
+        repaired, from that checkpoint's weights without training, when it is missing or does not load."""
         acc = self.accelerator
-        student = acc.unwrap_model(student)
+        student = acc.unwrap_model(student, keep_fp32_wrapper=False)
         acc.free_memory()
+        if finished is None:
+            check_modules(EXPORT_FILE, [student], acc)
         if self.main:
+            path = self.run_dir / EXPORT_FILE
+            if finished is None:
+                export_model(student, self.example, path)
+            elif not export_loads(path):
+                student.load_state_dict(load_file(str(finished / ckpt.STATE_DIR / "model.safetensors")))
+                export_model(student, self.example, path)
+                self.print(f"{path} was missing or damaged: exported again from {finished}")
             table = write_report(self.run_dir, self.state.teacher, self.state.rows)
             (self.run_dir / "pruning_log.json").write_text(json.dumps(self.state.pruning_log, indent=1))
-            export_model(student, self.example, self.run_dir / "model_pruned.pt2")
             self.print(f"\n{table}\n\nrun directory: {self.run_dir}")
         acc.wait_for_everyone()
         if self.writer is not None:
@@ -543,59 +597,85 @@ class Engine:
     # ------------------------------------------------------------------- ACP
     def run_acp(self, resume: Path | None = None) -> dict[str, Any]:
         """`mode: acp`: cluster channels, search per-group widths with a particle swarm under the budget,
-        materialise the best structure with Torch-Pruning, recover it (AIP losses or plain fine-tuning)."""
+        materialise the best structure with Torch-Pruning, recover it (AIP losses or plain fine-tuning).
+
+        A resumed run goes on as `run_aip` does: the architecture is replayed from the checkpoint's history, and the
+        weights, optimizer and RNG states come back from its stage-end or mid-stage checkpoint."""
         acc, cfg = self.accelerator, self.cfg
+        self._check_taps()
         teacher = self.teacher(resume.parent.parent if resume is not None else None)
         student = copy.deepcopy(teacher).requires_grad_(True).train()
-        disc = Discriminator(self.data.num_classes, cfg.disc.hidden, cfg.disc.input).to(acc.device)
+        disc = self._discriminator()
         pruner = ChannelPruner(
             student, self.example.to(acc.device), [classifier_of(student)], cfg.prune.max_layer_ratio
         )
         base = self.cost(student)
         metric = "flops" if cfg.prune.target_flops_ratio is not None else "params"
         val = acc.prepare_data_loader(self.val_loader())
+        stage = Stage(1, "acp", cfg.prune.finetune_epochs, target_ratio(cfg))
+        partial = None
         if resume is not None:
             history, meta = ckpt.read(resume)
             pruner.replay(history)
             self.state = RunState(**meta["state"])
+            partial = meta.get("partial")
+            self.print(f"resumed from {resume} after stage {self.state.stage}")
+        ended = resume if resume is not None and partial is None and self.state.stage >= stage.index else None
         if not self.state.teacher:
             top1, top5 = self.evaluate(teacher, val)
             self.state.teacher = {**base, "top1": top1, "top5": top5}
-        stage = Stage(1, "acp", cfg.prune.finetune_epochs, target_ratio(cfg))
-        if self.state.stage < 1:
-            started = time.perf_counter()
-            box = [self._acp_search(teacher, pruner, base[metric] * target_ratio(cfg), metric) if self.main else None]
-            if acc.num_processes > 1:  # the search runs once, on rank 0; every rank builds its result
-                from accelerate.utils import broadcast_object_list
-
-                broadcast_object_list(box)
-            widths = box[0]
-            pruner.prune_to_widths(widths, create_importance("similarity", cfg.prune))
-            self.state.pruning_log.append(
-                {
-                    "stage": 1,
-                    "criterion": "acp",
-                    "metric": metric,
-                    "ratio_after": pruner.cost(metric) / base[metric],
-                    "target_ratio": target_ratio(cfg),
-                    "seconds": time.perf_counter() - started,
-                    "widths": pruner.widths(),
-                    "architecture_per_process": self._check_same_architecture(student, 1),
-                }
-            )
+        if resume is not None and partial is None:
+            self._restore(resume, student, disc, stage.epochs)
+        if self.state.stage < stage.index:
+            if partial is None:
+                self._acp_prune(teacher, pruner, base, metric)
             plain = LossConfig(WeightedLoss(1.0), KDLoss(weight=0.0), WeightedLoss(0.0), WeightedLoss(0.0))
-            taps = self._taps(student)
             losses = plain if cfg.acp.final == "finetune" else None
-            prepared = self._recover(stage, student, teacher, disc, taps, pruner, losses=losses)
+            restore, start = (resume, (partial["epoch"], partial["batch"])) if partial else (None, (0, 0))
+            taps = self._taps(student)
+            prepared = self._recover(
+                stage, student, teacher, disc, taps, pruner, restore=restore, start=start, losses=losses
+            )
             self._end_stage(stage, prepared, val, base, pruner)
-        return self._finish(student)
+        return self._finish(student, finished=ended)
 
-    def _acp_search(self, teacher: nn.Module, pruner: ChannelPruner, budget: float, metric: str) -> dict[str, int]:
-        """Clustering start, then the particle swarm; the swarm is saved after every iteration and resumed."""
+    def _acp_prune(self, teacher: nn.Module, pruner: ChannelPruner, base: dict[str, int], metric: str) -> None:
+        """Search the widths (every process scores its share of the candidates), cut the student to them, log it."""
+        acc, cfg = self.accelerator, self.cfg
+        started = time.perf_counter()
+        data = split_search_data(self.data, cfg.acp.holdout_size, cfg.seed)
+        widths, evaluations = self._acp_search(teacher, pruner, base[metric] * target_ratio(cfg), metric, data)
+        box = [widths]
+        if acc.num_processes > 1:  # every process ran the same swarm on the same scores; rank 0's result decides
+            broadcast_object_list(box)
+        cut_to_widths(pruner, box[0], cfg.prune, data.calibration, cfg.data.batch_size, acc.device)
+        counts = acc.gather(torch.tensor([evaluations], device=acc.device)).tolist()
+        self.state.pruning_log.append(
+            {
+                "stage": 1,
+                "criterion": "acp",
+                "metric": metric,
+                "ratio_after": pruner.cost(metric) / base[metric],
+                "target_ratio": target_ratio(cfg),
+                "seconds": time.perf_counter() - started,
+                "widths": pruner.widths(),
+                "evaluations_per_process": counts,
+                "architecture_per_process": self._check_same_architecture(pruner.model, 1),
+            }
+        )
+
+    def _acp_search(
+        self, teacher: nn.Module, pruner: ChannelPruner, budget: float, metric: str, data: SearchData
+    ) -> tuple[dict[str, int], int]:
+        """Clustering start, then the particle swarm; the swarm is saved after every iteration and resumed.
+        Returns the best widths and how many candidates this process scored.
+
+        Every process runs the same swarm: each scores its share of an iteration's candidates and all gather the
+        scores, so the search takes 1/N of the time on N processes and no process idles in a collective."""
         from aip.prune.widths import WidthCost
         from aip.search.acp import ParticleSwarm, cluster_channels, scale_to_budget
 
-        cfg, acp = self.cfg, self.cfg.acp
+        acc, cfg, acp = self.accelerator, self.cfg, self.cfg.acp
         names = list(pruner.widths())
         upper = [pruner.original_widths[n] for n in names]
         lower = [pruner.min_width(n) for n in names]
@@ -604,22 +684,30 @@ class Engine:
         def cost(widths: list[int]) -> float:
             return width_cost.of(dict(zip(names, widths, strict=True)), metric)
 
-        order = torch.randperm(len(self.data.train), generator=torch.Generator().manual_seed(cfg.seed))
-        holdout = Subset(self.data.train, order[: acp.holdout_size].tolist())
-        train = Subset(self.data.train, order[acp.holdout_size :].tolist())
-
-        responses = self._channel_responses(pruner, train)
+        count, batch = acp.calibration_images, cfg.data.eval_batch_size
+        responses = channel_responses(pruner.model, pruner.root_modules(), data.calibration, count, batch, acc.device)
         start = []
         for name, lo, hi in zip(names, lower, upper, strict=True):
             width, _ = cluster_channels(responses[name], acp.eps, acp.min_samples)
             start.append(min(hi, max(lo, width)))
+        if acc.num_processes > 1:  # one starting point for every process's swarm, whatever its float rounding
+            box = [start]
+            broadcast_object_list(box)
+            start = box[0]
         self.print(
             f"acp: clustering keeps {sum(start)}/{sum(upper)} channels, {metric} {cost(start) / cost(upper):.3f}"
         )
+        example = self.example.to(acc.device)
+        evaluations = [0]
 
-        def fitness(widths: list[int]) -> float:
-            top1 = self._try_structure(teacher, dict(zip(names, widths, strict=True)), train, holdout)
+        def score(widths: list[int]) -> float:
+            top1 = recovered_top1(cfg, teacher, dict(zip(names, widths, strict=True)), example, data)
             return top1 / 100.0 - acp.swarm.penalty * max(0.0, cost(widths) / budget - 1.0)
+
+        def evaluate_many(candidates: list[list[int]]) -> list[float]:
+            scores, mine = spread(acc, score, candidates)
+            evaluations[0] += mine
+            return scores
 
         def report(state: Any) -> None:
             best = [int(w) for w in state.global_best]
@@ -629,80 +717,36 @@ class Engine:
                 f"{metric} {cost(best) / cost(upper):.3f}, widths {best}"
             )
 
-        key = hashlib.sha256(json.dumps([cfg.model.name, cfg.seed, budget, acp.__dict__], default=str).encode())
+        search = {k: v for k, v in acp.__dict__.items() if k != "timeout_minutes"}  # what changes the result
+        key = hashlib.sha256(json.dumps([cfg.model.name, cfg.seed, budget, search], default=str).encode())
         swarm = ParticleSwarm(
             lower,
             upper,
-            fitness,
+            None,
             lambda w: scale_to_budget(w, lower, cost, budget),
             acp.swarm,
             seed=cfg.seed,
             state_path=self.run_dir / "acp_swarm.json",
             key=key.hexdigest()[:16],
+            evaluate_many=evaluate_many,
+            write=self.main,
         )
         best = swarm.run(start, report)
-        return dict(zip(names, best, strict=True))
+        return dict(zip(names, best, strict=True)), evaluations[0]
 
-    @torch.no_grad()
-    def _channel_responses(self, pruner: ChannelPruner, data: Dataset) -> dict[str, torch.Tensor]:
-        """Each group root's channel responses (channels, images): spatial means over calibration images."""
-        store: dict[str, list[torch.Tensor]] = {}
-
-        def keep(name: str):
-            def hook(_m: nn.Module, _i: object, out: torch.Tensor) -> None:
-                pooled = out.float().flatten(2).mean(2) if out.dim() > 2 else out.float()
-                store.setdefault(name, []).append(pooled.T.cpu())
-
-            return hook
-
-        count = min(self.cfg.acp.calibration_images, len(data))
-        loader = DataLoader(Subset(data, range(count)), batch_size=self.cfg.data.eval_batch_size)
-        hooks = {m: keep(name) for name, m in pruner.root_modules().items()}
-        with inspecting(pruner.model, hooks):
-            for x, _ in loader:
-                pruner.model(x.to(self.accelerator.device))
-        return {name: torch.cat(chunks, dim=1) for name, chunks in store.items()}
-
-    def _try_structure(self, teacher: nn.Module, widths: dict[str, int], train: Dataset, holdout: Dataset) -> float:
-        """Top-1 (%) on the held-out split of the teacher pruned to `widths` after a short recovery.
-
-        Structures are built with the similarity criterion: one of each group of near-identical channels goes first,
-        so a cluster of duplicates keeps one representative, as the clustering step intends."""
-        cfg, device = self.cfg, self.accelerator.device
-        set_seed(cfg.seed + sum(widths.values()))
-        model = copy.deepcopy(teacher).requires_grad_(True).train()
-        ChannelPruner(model, self.example.to(device), [classifier_of(model)]).prune_to_widths(
-            widths, create_importance("similarity", cfg.prune)
-        )
-        model.train()
-        optimizer = self._optimizer(model)
-        gen = torch.Generator().manual_seed(cfg.seed)
-        loader = DataLoader(train, batch_size=cfg.data.batch_size, shuffle=True, drop_last=True, generator=gen)
-        steps = 0
-        while steps < cfg.acp.recovery_steps:
-            for x, y in loader:
-                x, y = x.to(device), y.to(device)
-                logits = model(x)
-                loss = F.cross_entropy(logits, y)
-                if cfg.acp.distill:
-                    with torch.no_grad():
-                        t_logits = teacher(x)
-                    loss = cfg.loss.ce.weight * loss + cfg.loss.kd.weight * kd_loss(
-                        logits, t_logits, cfg.loss.kd.temperature, cfg.loss.kd.kind
-                    )
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                steps += 1
-                if steps == cfg.acp.recovery_steps:
-                    break
-        model.eval()
-        correct = total = 0
-        with torch.no_grad():
-            for x, y in DataLoader(holdout, batch_size=cfg.data.eval_batch_size):
-                correct += int((model(x.to(device)).argmax(1) == y.to(device)).sum())
-                total += len(y)
-        return 100.0 * correct / max(total, 1)
+    def _check_taps(self) -> None:
+        """`model.taps` must name modules of the configured model: checked before any training, with close names."""
+        taps = self.cfg.model.taps
+        if not taps or self.cfg.loss.at.weight == 0:
+            return
+        names = [n for n, _ in self.new_model().named_modules() if n]
+        missing = [t for t in taps if t not in names]
+        if missing:
+            close = sorted({c for t in missing for c in difflib.get_close_matches(t, names, n=4, cutoff=0.6)})
+            hint = f"close names: {', '.join(close)}" if close else f"its modules include: {', '.join(names[:12])}"
+            raise ConfigError(
+                f"model.taps: {self.cfg.model.name} has no module {', '.join(map(repr, missing))}; {hint}"
+            )
 
     def _taps(self, student: nn.Module) -> list[str]:
         """Modules tapped for attention transfer; none when its weight is 0 (so any model works without it)."""
@@ -740,18 +784,30 @@ class Engine:
     def _save(
         self, stage: int, pruner: ChannelPruner, step: int | None = None, partial: dict[str, int] | None = None
     ) -> None:
-        """Checkpoint the end of `stage` or, with `step` and `partial`, a point inside it; rank 0 writes the files."""
+        """Checkpoint the end of `stage` or, with `step` and `partial`, a point inside it; rank 0 writes the files.
+
+        A write that fails (a full disk, say) leaves no temporary behind and stops the run with one line; the
+        checkpoints committed before stay valid. Weights that hold a NaN or an infinity are never written."""
         acc = self.accelerator
-        tmp = ckpt.begin(self.run_dir, stage, step) if self.main else None
-        acc.wait_for_everyone()
-        acc.save_state(str(ckpt.temporary(self.run_dir, stage, step) / ckpt.STATE_DIR))
-        acc.wait_for_everyone()
-        if self.main:
-            meta = {"stage": stage, "state": self.state.__dict__, "config": self.cfg.to_dict()}
-            if partial is not None:
-                meta["partial"] = partial
-            ckpt.commit(tmp, self.run_dir, stage, pruner.history(), meta, step)
-            ckpt.prune_old(self.run_dir, self.cfg.checkpoint.keep)
+        what = f"checkpoint {ckpt.stage_dir(self.run_dir, stage, step).name}"
+        check_modules(what, acc._models, acc)  # the models save_state writes: the student and the discriminator
+        try:
+            tmp = ckpt.begin(self.run_dir, stage, step) if self.main else None
+            acc.wait_for_everyone()
+            acc.save_state(str(ckpt.temporary(self.run_dir, stage, step) / ckpt.STATE_DIR))
+            acc.wait_for_everyone()
+            if self.main:
+                meta = {"stage": stage, "state": self.state.__dict__, "config": self.cfg.to_dict()}
+                if partial is not None:
+                    meta["partial"] = partial
+                ckpt.commit(tmp, self.run_dir, stage, pruner.history(), meta, step)
+                ckpt.prune_old(self.run_dir, self.cfg.checkpoint.keep)
+        except Exception as exc:
+            if self.main:
+                error = ckpt.failed_write(self.run_dir, stage, step, exc)
+                if ckpt.is_write_failure(exc):
+                    raise error from None
+            raise
         acc.wait_for_everyone()
 
 

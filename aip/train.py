@@ -7,9 +7,9 @@ expected failure (bad config, missing data, damaged checkpoint) into one `error:
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import sys
-import time
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script: import the package, never its modules as top-level names
@@ -37,49 +37,86 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--resume",
         metavar="DIR|auto",
         help="go on from the newest valid stage checkpoint of a run directory (or from one stage's checkpoint "
-        "directory); auto: the newest run of this config under runs/ (or --out), else start fresh",
+        "directory), with that run's config; auto: the newest run of this config's name under runs/ (or --out), "
+        "else a new run",
     )
     parser.add_argument(
         "--from-stage",
         metavar="CHECKPOINT_DIR",
         help="start a new run from a stage checkpoint (its architecture and weights) with this config",
     )
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start afresh in a run directory that already holds a run: its old contents are removed first",
+    )
     return parser.parse_args(argv)
 
 
 def _resolve(args: argparse.Namespace):
-    """The config, the run directory and the checkpoint to resume or branch from."""
+    """The config, the run directory and the checkpoint to resume or branch from.
+
+    The run directory is None for a new run (named by the caller); otherwise it is an existing run of this config,
+    which the run goes on in: from its newest valid checkpoint, or from the start when it has none yet.
+    """
     from aip import checkpoint as ckpt
+    from aip import rundir
     from aip.config import ConfigError, load_config
 
     if args.resume and args.from_stage:
         raise ConfigError("--resume and --from-stage exclude each other: resume goes on in a run, from-stage branches")
-    resume = branch = None
+    if args.resume and args.overwrite:
+        raise ConfigError("--resume and --overwrite exclude each other: overwrite starts the run directory afresh")
+    branch = None
     if args.resume and args.resume != "auto":
         path = Path(args.resume)
         if (path / "meta.json").is_file() or (path / ckpt.MANIFEST).is_file():
             run_dir, resume = path.parent.parent, path
-        elif (path / "config.yaml").is_file():
+        elif (path / rundir.CONFIG_FILE).is_file():
             run_dir, resume = path, ckpt.latest_valid(path)
-            if resume is None:
-                raise ConfigError(f"--resume {args.resume!r}: this run has no valid stage checkpoint yet")
         else:
             raise ConfigError(f"--resume {args.resume!r}: not a run directory (no config.yaml) nor a stage checkpoint")
-        cfg = load_config(run_dir / "config.yaml", args.overrides)
+        cfg = load_config(args.config or run_dir / rundir.CONFIG_FILE, args.overrides)
+        rundir.check_same_config(run_dir, cfg, f"--resume {args.resume}")
+        if resume is None:
+            print(f"{run_dir} has no valid stage checkpoint yet: starting that run over in it")
         return cfg, run_dir, resume, None
     if args.config is None:
         raise ConfigError("--config is required (e.g. --config configs/debug.yaml), except with --resume DIR")
     cfg = load_config(args.config, args.overrides)
     if args.resume == "auto":
-        candidates = [Path(args.out)] if args.out else ckpt.find_run_dirs(Path("runs"), cfg.name)
-        for run_dir in candidates:
+        # Only this run: --out, or the newest run of this config's name; never an older or another config's run.
+        run_dir = Path(args.out) if args.out else rundir.newest_run(Path("runs"), cfg.name)
+        if run_dir is not None and (run_dir / rundir.CONFIG_FILE).is_file():
+            rundir.check_same_config(run_dir, cfg, "--resume auto")
             found = ckpt.latest_valid(run_dir)
-            if found is not None:
-                return load_config(run_dir / "config.yaml", args.overrides), run_dir, found, None
+            if found is not None or args.out:  # --out names this run's own directory: go on in it, even from 0
+                return cfg, run_dir, found, None
     if args.from_stage:
         branch = Path(args.from_stage)
         ckpt.read(branch)  # fails early, with its reason, on a missing or damaged checkpoint
     return cfg, None, None, branch
+
+
+def _claim(state, run_dir: Path, cfg, existing: bool, overwrite: bool):
+    """Rank 0 locks the run directory (and checks or empties it for a new run); every rank learns the outcome."""
+    from accelerate.utils import broadcast_object_list
+
+    from aip import rundir
+
+    held = error = None
+    if state.is_main_process:
+        try:
+            held = rundir.claim(run_dir, cfg, existing, overwrite)
+        except rundir.RunDirError as exc:
+            error = str(exc)
+    if state.num_processes > 1:
+        box = [error]
+        broadcast_object_list(box)
+        error = box[0]
+    if error is not None:
+        raise rundir.RunDirError(error)
+    return held
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -87,28 +124,41 @@ def main(argv: list[str] | None = None) -> int:
     from accelerate import PartialState
     from accelerate.utils import broadcast_object_list
 
+    from aip import rundir
     from aip.checkpoint import CheckpointError
     from aip.config import ConfigError
+    from aip.guards import NonFiniteError
+    from aip.images import DataError
     from aip.prune.pruner import PruningError
     from aip.registry import UnknownNameError
 
-    expected = (ConfigError, UnknownNameError, CheckpointError, PruningError)
+    expected = (ConfigError, UnknownNameError, CheckpointError, PruningError, DataError, NonFiniteError)
+    held = None
     try:
         cfg, run_dir, resume, branch = _resolve(args)
-        if run_dir is None:
-            run_dir = Path(args.out or cfg.out or f"runs/{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}")
-            from aip.engine import CPU_ONLY
+        if cfg.mode == "eval" and (resume is not None or branch is not None):
+            raise ConfigError("mode eval measures model.teacher_checkpoint; it takes no --resume or --from-stage")
+        from aip.accel import CPU_ONLY, mixed_precision, process_group_kwargs
 
-            state = PartialState(cpu=CPU_ONLY)
+        mixed_precision(cfg)  # a config that contradicts the launcher's precision stops here, before any work
+        state = PartialState(cpu=CPU_ONLY, **process_group_kwargs(cfg))
+        existing = run_dir is not None
+        if run_dir is None:
+            run_dir = Path(args.out or cfg.out or rundir.new_run_dir(Path("runs"), cfg.name))
             if state.num_processes > 1:  # every rank must write into the directory rank 0 named
                 box = [str(run_dir)]
                 broadcast_object_list(box)
                 run_dir = Path(box[0])
+        held = _claim(state, run_dir, cfg, existing, args.overwrite)
         from aip.engine import Engine, RankMismatchError
 
         expected = (*expected, RankMismatchError)
         engine = Engine(cfg, run_dir)
-        if cfg.mode == "train":
+        if cfg.mode == "eval":
+            from aip.evaluate_run import run_eval
+
+            run_eval(engine)
+        elif cfg.mode == "train":
             engine.run_train()
         elif cfg.mode == "acp":
             if branch is not None:
@@ -119,6 +169,14 @@ def main(argv: list[str] | None = None) -> int:
     except expected as exc:
         print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)
         return 2
+    except OSError as exc:
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        print(f"error: {exc.filename or 'writing'}: {exc.strerror}; free some space and resume", file=sys.stderr)
+        return 2
+    finally:
+        if held is not None:
+            held.release()
     return 0
 
 

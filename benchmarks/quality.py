@@ -118,7 +118,8 @@ def run(config: dict, work: Path, name: str) -> tuple[dict, float]:
     cfg_path = run_dir.parent / f"{name}.yaml"
     cfg_path.write_text(yaml.safe_dump(config))
     start = time.perf_counter()
-    code = train_main(["--config", str(cfg_path), "--out", str(run_dir)])
+    # An interrupted run of the same arm goes on from its checkpoint; a fresh one starts in the empty directory.
+    code = train_main(["--config", str(cfg_path), "--out", str(run_dir), "--resume", "auto"])
     if code != 0:
         sys.exit(f"error: the run {name} failed (exit {code}); see its output above")
     seconds = time.perf_counter() - start

@@ -7,14 +7,17 @@ from pathlib import Path
 
 import torch
 
-from aip.config import SwarmConfig
+from aip.config import PruneConfig, SimilarityConfig, SwarmConfig, config_from_dict
+from aip.data import build_data
 from aip.models import classifier_of, create_model
 from aip.prune.cost import model_cost
 from aip.prune.importance import create_importance
 from aip.prune.pruner import ChannelPruner
 from aip.prune.widths import WidthCost
 from aip.search.acp import ParticleSwarm, cluster_channels, dbscan, scale_to_budget
+from aip.search.fitness import channel_responses, cut_to_widths, split_search_data
 from aip.train import main
+from tests.conftest import tiny_run
 from tests.test_run import _config, _report
 
 
@@ -130,3 +133,75 @@ def test_acp_mode_end_to_end_meets_the_flops_target(tmp_path: Path) -> None:
     swarm = json.loads((run_dir / "acp_swarm.json").read_text())
     assert swarm["iteration"] == 2 and len(swarm["positions"]) == 3
     assert (run_dir / "model_pruned.pt2").is_file()
+
+
+def test_pso_scoring_a_whole_iteration_at_once_finds_the_same() -> None:
+    def fitness(w: list[int]) -> float:
+        return -float(sum((a - b) ** 2 for a, b in zip(w, [5, 17, 23, 9], strict=True)))
+
+    batches = []
+
+    def evaluate_many(candidates: list[list[int]]) -> list[float]:
+        batches.append(len(candidates))
+        return [fitness(w) for w in candidates]
+
+    cfg = SwarmConfig(particles=6, iterations=5, velocity_clip=4.0, init_spread=1.0)
+    one = ParticleSwarm([2] * 4, [30] * 4, fitness, lambda w: [round(x) for x in w], cfg, seed=1)
+    many = ParticleSwarm([2] * 4, [30] * 4, None, lambda w: [round(x) for x in w], cfg, 1, evaluate_many=evaluate_many)
+    assert many.run([2, 2, 2, 2]) == one.run([2, 2, 2, 2])
+    assert many.state.history == one.state.history and batches == [6] * 6
+
+
+def test_acp_measures_training_images_through_the_validation_transform() -> None:
+    """Held-out fitness and channel responses read un-augmented images: the same whatever the random state."""
+    cfg = config_from_dict(tiny_run(mode="acp", acp={"holdout_size": 64}))
+    assert cfg.data.augment
+    data = split_search_data(build_data(cfg.data), 64, seed=0)
+    model = create_model("cifar_resnet8", 4)
+    roots = ChannelPruner(model, torch.randn(1, 3, 16, 16), [classifier_of(model)]).root_modules()
+    seen = []
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        images = torch.stack([data.holdout[i][0] for i in range(32)] + [data.train[i][0] for i in range(32)])
+        seen.append((images, channel_responses(model, roots, data.calibration, 64, 32, torch.device("cpu"))))
+    (first, r1), (second, r2) = seen
+    assert torch.equal(first[:32], second[:32]) and not torch.equal(first[32:], second[32:])  # training: flipped
+    assert r1.keys() == r2.keys() and all(torch.equal(r1[k], r2[k]) for k in r1)
+    subset = build_data(config_from_dict(tiny_run(**{"data.train_subset": 64})).data)
+    assert [subset.train_eval[i][1] for i in range(64)] == [subset.train[i][1] for i in range(64)]
+
+
+def test_feature_similarity_cuts_to_widths_keeping_one_of_each_duplicate_group() -> None:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.LazyLinear(4))
+    example = torch.randn(1, 3, 6, 6)
+    model(example)
+    with torch.no_grad():  # filters 0-3 identical, 4-6 scaled copies (same feature maps up to scale), 7 alone
+        model[0].weight[1:4] = model[0].weight[0]
+        model[0].bias[1:4] = model[0].bias[0]
+        model[0].weight[4:7] = model[0].weight[4] * torch.tensor([1.0, 2.0, 3.0]).view(3, 1, 1, 1)
+        model[0].bias[4:7] = model[0].bias[4] * torch.tensor([1.0, 2.0, 3.0])
+    original = model[0].weight.detach().clone()
+    pruner = ChannelPruner(model, example, [model[3]], max_layer_ratio=0.9)
+    images = torch.utils.data.TensorDataset(torch.randn(64, 3, 6, 6), torch.zeros(64, dtype=torch.long))
+    features = PruneConfig(similarity=SimilarityConfig(source="features"), calibration_batches=2)
+    cut_to_widths(pruner, {"0": 3}, features, images, 16, torch.device("cpu"))
+    kept = model[0].weight.detach()
+    assert kept.shape[0] == 3
+    for rows in ([0, 1, 2, 3], [4, 5, 6], [7]):
+        assert sum(any(torch.equal(k, original[r]) for r in rows) for k in kept) == 1
+
+
+def test_acp_mode_with_feature_similarity(tmp_path: Path) -> None:
+    overrides = {
+        "mode": "acp",
+        "train.teacher_epochs": 1,
+        "prune.similarity": {"source": "features"},
+        "prune.finetune_epochs": 0,
+        "acp": {"holdout_size": 64, "recovery_steps": 2, "calibration_images": 64, "swarm": {"particles": 2}},
+        "acp.swarm.iterations": 1,
+    }
+    run_dir = tmp_path / "acp"
+    assert main(["--config", str(_config(tmp_path, **overrides)), "--out", str(run_dir)]) == 0
+    log = json.loads((run_dir / "pruning_log.json").read_text())
+    assert log[0]["ratio_after"] <= 0.6 and log[0]["evaluations_per_process"] == [4]

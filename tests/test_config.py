@@ -77,3 +77,43 @@ def test_unknown_section_and_missing_file(tmp_path: Path) -> None:
     bad.write_text(yaml.safe_dump([1, 2]))
     with pytest.raises(ConfigError, match="top level must be a mapping"):
         load_config(bad)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "fragment"),
+    [
+        (["seed=-1"], "seed: must lie in 0..4294967295"),
+        (["seed=4294967296"], "seed: must lie in 0..4294967295"),
+        (["train.lr=.nan"], "train.lr: must be a finite number, got nan"),
+        (["train.momentum=.inf"], "train.momentum: must be a finite number, got inf"),
+        (["prune.target_flops_ratio=.nan"], "prune.target_flops_ratio: must be a finite number"),
+        (["loss.kd.weight=-.inf"], "loss.kd.weight: must be a finite number, got -inf"),
+        (["train.lr=nan"], "train.lr: must be a finite number"),
+    ],
+)
+def test_seed_range_and_non_finite_numbers_are_refused(overrides: list[str], fragment: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(CONFIGS / "debug.yaml", overrides)
+    assert fragment in str(info.value) and "\n" not in str(info.value)
+
+
+def test_the_largest_seed_is_accepted() -> None:
+    assert load_config(CONFIGS / "debug.yaml", [f"seed={2**32 - 1}"]).seed == 2**32 - 1
+
+
+def test_numbers_yaml_reads_as_strings_are_accepted_for_float_keys(tmp_path: Path) -> None:
+    path = tmp_path / "exp.yaml"
+    path.write_text("train:\n  lr: 1e-2\n  weight_decay: 5E-4\ndisc:\n  lr: '2e-4'\n")
+    cfg = load_config(path, ["loss.kd.temperature=3e0"])
+    assert cfg.train.lr == 0.01 and cfg.train.weight_decay == 0.0005 and cfg.disc.lr == 0.0002
+    assert cfg.loss.kd.temperature == 3.0 and isinstance(cfg.train.lr, float)
+    with pytest.raises(ConfigError, match="prune.intervals: expected an integer, got '1e1'"):
+        load_config(path, ["prune.intervals='1e1'"])
+
+
+def test_a_config_file_that_is_not_utf8_is_one_line(tmp_path: Path) -> None:
+    path = tmp_path / "latin1.yaml"
+    path.write_bytes("name: caf\u00e9\n".encode("latin-1"))
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert "not UTF-8 text" in str(info.value) and "latin1.yaml" in str(info.value)

@@ -2,19 +2,27 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 from pathlib import Path
 
 import pytest
 import torch
+import torch_pruning as tp
 from torch import nn
 
 from aip.analyze import main as analyze_main
-from aip.config import PruneConfig, SimilarityConfig
+from aip.config import ActivationConfig, PruneConfig, SimilarityConfig
 from aip.prune.capacity import effective_rank, estimate_capacity
 from aip.prune.cost import model_cost
-from aip.prune.importance import create_importance, criterion_for_interval, redundancy_scores
+from aip.prune.importance import (
+    TaylorImportance,
+    create_importance,
+    criterion_for_interval,
+    needs_features,
+    redundancy_scores,
+)
 from aip.prune.pruner import ChannelPruner, PruningError
 from aip.train import main
 from tests.test_prune import Residual
@@ -176,23 +184,53 @@ def _calibrate(m: nn.Module) -> None:
     m(torch.randn(16, 3, 16, 16))
 
 
-def test_activation_scores_are_relative_to_the_layer_maximum_and_silent_channels_go_first() -> None:
+def _scores_of(importance: object, model: nn.Module, layer: nn.Module) -> torch.Tensor:
+    """The criterion's scores for every output channel of `layer`'s group (built by Torch-Pruning directly)."""
+    graph = tp.DependencyGraph().build_dependency(model, example_inputs=torch.randn(1, 3, 16, 16))
+    return importance(graph.get_pruning_group(layer, tp.prune_conv_out_channels, list(range(layer.out_channels))))
+
+
+def test_activation_scores_are_relative_to_the_layer_quantile_and_silent_channels_go_first() -> None:
     model = _with_quiet_channels([3, 20])
     example = torch.randn(1, 3, 16, 16)
     pruner = ChannelPruner(model, example, [model.fc])
     importance = create_importance("activation")
     with importance.recording(model):
         _calibrate(model)
-    scores = {name: importance(group) for name, _, group in pruner._groups()}
-    assert scores["b"].max() == pytest.approx(1.0) and scores["b"].min() >= 0.0
-    assert set(scores["b"].argsort()[:2].tolist()) == {3, 20}
-    assert scores["b"][3] < 0.01 and scores["b"][20] < 0.01
+    scores = _scores_of(importance, model, model.b)
+    assert scores.min() >= 0.0
+    assert torch.quantile(scores, 0.9) == pytest.approx(1.0)  # one consumer (fc): its 0.9-quantile is 1
+    assert set(scores.argsort()[:2].tolist()) == {3, 20}
+    assert scores[3] < 0.01 and scores[20] < 0.01
 
     one_channel_of_b = 2 * 16 * 3 * 3 * 16 * 16
     base = model_cost(model, example).flops
     log = pruner.prune_to(base - one_channel_of_b * 1.5, "flops", importance, _calibrate)
     assert log.widths_after == {**log.widths_before, "b": 30}
     assert model.bn_b.bias.min() >= 10.0  # both quiet channels (biases 0.04 and 0.21) went, the others stay
+
+
+@pytest.mark.parametrize("bias", [-100.0, 100.0])
+def test_activation_scores_what_the_next_layer_sees_and_one_outlier_leaves_the_others_above_threshold(
+    bias: float,
+) -> None:
+    """BN bias -100: the channel is dead after the ReLU (it used to score 1.0, the strongest); +100: an outlier that,
+    under max normalisation, pushed every live channel under the threshold. BatchNorm on batch statistics (train
+    mode) gives the other channels unit-variance, zero-mean inputs to the ReLU: all alive, all alike."""
+    torch.manual_seed(0)
+    model = Residual().train()
+    with torch.no_grad():
+        model.bn_b.bias[5] = bias
+    importance = create_importance("activation")
+    with importance.recording(model):
+        _calibrate(model)
+    scores = _scores_of(importance, model, model.b)
+    live = torch.cat([scores[:5], scores[6:]])
+    assert live.min() >= ActivationConfig().threshold
+    if bias < 0:
+        assert int(scores.argmin()) == 5 and scores[5] == 0.0
+    else:
+        assert int(scores.argmax()) == 5
 
 
 def test_activation_threshold_removes_exactly_the_quiet_channels_and_respects_the_floor() -> None:
@@ -223,5 +261,55 @@ def test_activation_threshold_run_logs_its_rule_and_never_passes_the_target(tmp_
     assert main(["--config", str(_config(tmp_path, **overrides)), "--out", str(run_dir)]) == 0
     log = json.loads((run_dir / "pruning_log.json").read_text())
     assert [e["criterion"] for e in log] == ["activation", "activation"]
-    assert log[0]["ratio_after"] < 1.0  # a 2-epoch teacher has channels under 0.95 of their layer's strongest
+    assert log[0]["ratio_after"] < 1.0  # a 2-epoch teacher has channels under 0.95 of their layer's 0.9-quantile
     assert all(e["ratio_after"] >= 0.7 * 0.98 and e["target_ratio"] == pytest.approx(0.7) for e in log)
+
+
+def test_taylor_squares_each_batch_sum_where_accumulated_gradients_cancel() -> None:
+    """Hand-computed: 1x1 conv, filters (1, 2) and (1, 1), input ones, loss t_b . output on batches t = (2, 1) and
+    (-2, 1). Per batch the filters' sums of w * g are (6, 2) and (-6, 2): Molchanov 2019 scores (36 + 36) / 2 = 36 and
+    4, so filter 1 goes first. Summed |w * g| on the accumulated gradients (0, 2) gives 0 and 4: filter 0 would."""
+    conv = nn.Conv2d(2, 2, 1, bias=False)
+    with torch.no_grad():
+        conv.weight.copy_(torch.tensor([[1.0, 2.0], [1.0, 1.0]]).view(2, 2, 1, 1))
+    model = nn.Sequential(conv)
+    x = torch.ones(1, 2, 1, 1)
+    group = (
+        tp.DependencyGraph()
+        .build_dependency(model, example_inputs=x)
+        .get_pruning_group(conv, tp.prune_conv_out_channels, idxs=[0, 1])
+    )
+    importance = create_importance("taylor")
+
+    def calibrate(m: nn.Module) -> None:
+        for t in ([2.0, 1.0], [-2.0, 1.0]):
+            (m(x).flatten() * torch.tensor(t)).sum().backward()
+
+    with importance.recording(model) if needs_features(importance) else contextlib.nullcontext():  # as the pruner
+        calibrate(model)
+    assert importance(group).tolist() == pytest.approx([36 / 20, 4 / 20])  # normalised to mean 1
+    assert tp.importance.GroupTaylorImportance()(group).argmin() == 0  # the summed-|w * g| form ranks the other way
+
+
+def test_taylor_sums_every_parameter_a_channel_takes_with_it_per_batch() -> None:
+    """Group b of the residual model: conv b's filter and bias, BatchNorm scale and shift, fc's input column."""
+    torch.manual_seed(0)
+    model = Residual()
+    batches = [(torch.randn(8, 3, 16, 16), torch.randint(0, 5, (8,))) for _ in range(3)]
+    expected = torch.zeros(32)
+    for x, y in batches:
+        model.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        z = sum((p * p.grad).reshape(32, -1).sum(1) for p in (model.b.weight, model.b.bias))
+        z = z + model.bn_b.weight * model.bn_b.weight.grad + model.bn_b.bias * model.bn_b.bias.grad
+        expected += (z + (model.fc.weight * model.fc.weight.grad).sum(0)).detach() ** 2
+    expected /= expected.mean()
+    calls = []
+    importance = TaylorImportance(gather=lambda t: calls.append(t) or t)
+    model.zero_grad()
+    with importance.recording(model):
+        for x, y in batches:
+            nn.functional.cross_entropy(model(x), y).backward()
+    scores = _scores_of(importance, model, model.b)
+    assert torch.allclose(scores, expected, rtol=1e-4, atol=1e-6)
+    assert len(calls) == 1  # all statistics gathered from the processes in one call

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import pickle
 import struct
 from pathlib import Path
@@ -14,6 +15,7 @@ from torchvision import datasets
 
 from aip.config import ConfigError, DataConfig
 from aip.data import DATASETS, PadCropFlip, build_data
+from aip.images import DataError
 
 
 def _stack(ds) -> tuple[torch.Tensor, torch.Tensor]:
@@ -63,8 +65,10 @@ def test_cifar10_reads_an_image_folder_tree_and_caches_it(tmp_path: Path, monkey
     assert x.shape == (6, 3, 32, 32) and x.dtype == torch.float32
     assert y.tolist() == [0, 0, 0, 1, 1, 1] and data.num_classes == 2 and len(data.val) == 4
     assert len(list((tmp_path / "cache").glob("*.pt"))) == 2
-    (root / "train" / "cat" / "0.png").unlink()  # served from the cache from now on
-    assert len(build_data(cfg).train) == 6
+    assert len(build_data(cfg).train) == 6  # the same tree: served from the cache
+    assert len(list((tmp_path / "cache").glob("*.pt"))) == 2
+    (root / "train" / "cat" / "0.png").unlink()  # a changed tree is decoded again
+    assert len(build_data(cfg).train) == 5
 
 
 @pytest.mark.parametrize(
@@ -280,3 +284,60 @@ def test_train_subset_is_a_fixed_random_choice_across_classes(tmp_path: Path, mo
     synthetic = DataConfig(name="synthetic", train_size=100, train_subset=30, batch_size=10, augment=False)
     a, b = _stack(build_data(synthetic).train), _stack(build_data(synthetic).train)
     assert a[0].shape[0] == 30 and torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+def test_the_decoded_cache_follows_changes_to_the_tree(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("AIP_CACHE_DIR", str(tmp_path / "cache"))
+    root = tmp_path / "cifar"
+    _write_tree(root, "train", ["cat", "dog"], 2)
+    _write_tree(root, "test", ["cat", "dog"], 1)
+    cfg = DataConfig(name="cifar10", root=str(root), augment=False)
+    first = build_data(cfg)
+    x0 = first.train[0][0]
+    image = root / "train" / "cat" / "0.png"
+    Image.fromarray(np.zeros((32, 32, 3), dtype=np.uint8)).save(image)  # rewritten in place
+    stamp = image.stat().st_mtime_ns + 10**9
+    os.utime(image, ns=(stamp, stamp))  # the clock may not have moved on this quickly
+    assert not torch.equal(build_data(cfg).train[0][0], x0)
+    _write_tree(root, "train", ["emu"], 1)
+    _write_tree(root, "test", ["emu"], 1)
+    assert build_data(cfg).num_classes == 3
+
+
+@pytest.mark.parametrize("damage", ["truncated", "bit-flipped", "not an image"])
+def test_an_image_that_does_not_decode_names_its_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, damage: str
+) -> None:
+    monkeypatch.setenv("AIP_CACHE_DIR", str(tmp_path / "cache"))
+    root = tmp_path / "cifar"
+    _write_tree(root, "train", ["cat", "dog"], 2)
+    _write_tree(root, "test", ["cat", "dog"], 1)
+    bad = root / "train" / "dog" / "1.png"
+    _damage(bad, damage)
+    with pytest.raises(DataError) as info:
+        build_data(DataConfig(name="cifar10", root=str(root), augment=False))
+    assert str(bad) in str(info.value) and "\n" not in str(info.value)
+
+
+def _damage(path: Path, how: str) -> None:
+    data = bytearray(path.read_bytes())
+    if how == "truncated":
+        path.write_bytes(bytes(data[: len(data) // 2]))
+    elif how == "bit-flipped":
+        for i in range(60, 120):
+            data[i] ^= 0xFF
+        path.write_bytes(bytes(data))
+    else:
+        path.write_bytes(b"these are not the pixels you are looking for")
+
+
+def test_a_damaged_image_in_a_loader_worker_is_one_line(tmp_path: Path) -> None:
+    _write_tree(tmp_path, "train", ["a"], 2, size=40)
+    _write_tree(tmp_path, "val", ["a"], 1, size=40)
+    bad = tmp_path / "train" / "a" / "1.png"
+    _damage(bad, "truncated")
+    data = build_data(DataConfig(name="imagefolder", root=str(tmp_path), image_size=24, batch_size=1))
+    loader = torch.utils.data.DataLoader(data.train, batch_size=1, num_workers=1)
+    with pytest.raises(DataError) as info:
+        list(loader)
+    assert str(info.value).startswith(f"cannot decode image {str(bad)!r}") and "Traceback" not in str(info.value)

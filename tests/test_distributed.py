@@ -12,11 +12,18 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch_pruning as tp
 import yaml
+from torch.nn import functional as F
 
 from aip import checkpoint as ckpt
+from aip.prune.importance import create_importance
 from aip.train import main
 from tests.conftest import tiny_run
+from tests.test_prune import Residual
 
 REPO = Path(__file__).resolve().parent.parent
 TRAIN = str(REPO / "aip" / "train.py")
@@ -59,6 +66,93 @@ def test_two_processes_prune_identically_and_match_one_process(teacher: Path, tm
     log = json.loads((tmp_path / "two" / "pruning_log.json").read_text())
     assert len(log) == 2 and all(len(set(e["architecture_per_process"])) == 1 for e in log)
     assert all(len(e["architecture_per_process"]) == 2 for e in log)
+
+
+def _own_batches(rank: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Two calibration batches that only process `rank` sees (each process its own shard)."""
+    gen = torch.Generator().manual_seed(100 + rank)
+    return [(torch.randn(8, 3, 16, 16, generator=gen), torch.randint(0, 5, (8,), generator=gen)) for _ in range(2)]
+
+
+def _scores_of_b(criterion: str, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    """The criterion's scores for conv b's group of a seeded residual model, recorded on `batches`."""
+    torch.manual_seed(0)
+    model = Residual()
+    importance = create_importance(criterion)
+    with importance.recording(model):
+        for x, y in batches:
+            F.cross_entropy(model(x), y).backward()
+    graph = tp.DependencyGraph().build_dependency(model, example_inputs=torch.randn(1, 3, 16, 16))
+    return importance(graph.get_pruning_group(model.b, tp.prune_conv_out_channels, list(range(32))))
+
+
+POOLED = ("taylor", "activation")
+
+
+def _score_in_group(rank: int, world: int, init: str, out: str) -> None:
+    """One of the gloo processes: score on its own batches, save the scores for the test to compare."""
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    try:
+        for criterion in POOLED:
+            torch.save(_scores_of_b(criterion, _own_batches(rank)), Path(out) / f"{criterion}-{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_criteria_pool_every_process_batches_so_ranks_score_alike(tmp_path: Path) -> None:
+    """Two gloo processes calibrate on different batches: both must get the scores one process gets on all of them
+    (per-rank statistics would rank differently on each process and prune different channels)."""
+    mp.spawn(_score_in_group, args=(2, f"file://{tmp_path / 'pg'}", str(tmp_path)), nprocs=2)
+    for criterion in POOLED:
+        first, second = (torch.load(tmp_path / f"{criterion}-{rank}.pt") for rank in (0, 1))
+        assert torch.equal(first, second), criterion
+        alone = _scores_of_b(criterion, _own_batches(0) + _own_batches(1))
+        assert torch.allclose(first, alone, rtol=1e-4, atol=1e-6), criterion
+        own = _scores_of_b(criterion, _own_batches(0))
+        assert not torch.allclose(own, alone, rtol=1e-2), criterion  # the shards do differ
+
+
+DATA_DEPENDENT = {
+    "taylor": {"prune.criterion": "taylor"},
+    "activation": {"prune.criterion": "activation"},
+    "similarity_features": {"prune.criterion": "similarity", "prune.similarity": {"source": "features"}},
+    "capacity": {  # the caps of a 2-epoch teacher allow about 20% fewer FLOPs
+        "prune.criterion": "l1",
+        "prune.capacity": {"enabled": True, "batches": 4},
+        "prune.target_flops_ratio": 0.85,
+    },
+}
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        "taylor",
+        pytest.param("activation", marks=pytest.mark.slow),
+        pytest.param("similarity_features", marks=pytest.mark.slow),
+        pytest.param("capacity", marks=pytest.mark.slow),
+    ],
+)
+def test_two_processes_agree_with_data_dependent_criteria_after_real_recovery(
+    case: str, teacher: Path, tmp_path: Path
+) -> None:
+    """Each process trains on its own shard between intervals, then scores channels on calibration batches: the
+    ranks must still remove the same channels at every interval (the run itself stops if their digests differ)."""
+    overrides = {"model.teacher_checkpoint": str(teacher), "prune.epochs_between": 1, "prune.finetune_epochs": 0}
+    overrides |= DATA_DEPENDENT[case]
+    config = _config(tmp_path / "c.yaml", **overrides)
+    run_dir = tmp_path / "run"
+    done = _launch_2proc("--config", str(config), "--out", str(run_dir))
+    assert done.returncode == 0, done.stderr[-3000:]
+    log = json.loads((run_dir / "pruning_log.json").read_text())
+    assert [e["stage"] for e in log] == [1, 2]
+    for entry in log:
+        digests = entry["architecture_per_process"]
+        assert len(digests) == 2 and digests[0] == digests[1], entry
+    assert log[-1]["ratio_after"] <= overrides.get("prune.target_flops_ratio", 0.6) and log[0]["ratio_after"] < 1.0
+    if case == "capacity":
+        capacity = json.loads((ckpt.stage_dir(run_dir, 2) / "meta.json").read_text())["state"]["capacity"]
+        assert capacity and all(0.0 <= c["max_ratio"] <= 1.0 for c in capacity.values())
 
 
 def test_two_processes_train_prune_resume_and_agree(teacher: Path, tmp_path: Path) -> None:

@@ -1,16 +1,19 @@
-"""Model registry: CIFAR ResNets, VGG-16-BN, and any torchvision or timm model by name, with the helpers the
-trainer needs (stage-end taps for attention transfer, the classifier that pruning must not shrink)."""
+"""Model registry: CIFAR ResNets, VGG-16-BN, any torchvision or timm model by name and your own class by import
+path (`package.module:callable`, aip/models/user.py), with the helpers the trainer needs (stage-end taps for attention
+transfer, the classifier that pruning must not shrink)."""
 
 from __future__ import annotations
 
 import difflib
+from typing import Any
 
 import torch
 from torch import nn
 
 from aip.hooks import inspecting
-from aip.models import cifar_resnet, vgg  # noqa: F401  (fill the registry)
+from aip.models import cifar_resnet, toy_graphs, vgg  # noqa: F401  (fill the registry)
 from aip.models.registry import MODELS, register_model
+from aip.models.user import build_user_model, is_import_path, resolve
 from aip.models.vgg import VGG
 from aip.registry import UnknownNameError
 
@@ -26,8 +29,13 @@ def _suggest(name: str, known: list[str]) -> str:
 
 
 def check_model_name(name: str) -> None:
-    """Raise UnknownNameError when no model of that name can be built; builds nothing."""
-    if name.startswith("torchvision:"):
+    """Raise UnknownNameError when no model of that name can be built; builds nothing.
+
+    For `package.module:callable` the module is imported and the callable looked up (a ConfigError if that fails).
+    """
+    if is_import_path(name):
+        resolve(name)
+    elif name.startswith("torchvision:"):
         import torchvision
 
         known = torchvision.models.list_models()
@@ -49,8 +57,17 @@ def check_model_name(name: str) -> None:
         MODELS.get(name)
 
 
-def create_model(name: str, num_classes: int, in_channels: int = 3) -> nn.Module:
-    """A fresh, randomly initialised model: a registered name, `torchvision:<name>` or `timm:<name>`."""
+def create_model(
+    name: str,
+    num_classes: int,
+    in_channels: int = 3,
+    kwargs: dict[str, Any] | None = None,
+    example: torch.Tensor | None = None,
+) -> nn.Module:
+    """A fresh, randomly initialised model: a registered name, `torchvision:<name>`, `timm:<name>`, or
+    `package.module:callable` called with `kwargs` (its output width checked on `example`, one input of the data)."""
+    if is_import_path(name):
+        return build_user_model(name, kwargs or {}, num_classes, in_channels, example)
     check_model_name(name)
     if name.startswith("torchvision:"):
         if in_channels != 3:

@@ -8,6 +8,7 @@ restore a checkpoint.
 from __future__ import annotations
 
 import math
+import warnings
 from collections import defaultdict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -19,6 +20,7 @@ from torch import nn
 from aip.hooks import inspecting
 from aip.prune.cost import model_cost
 from aip.prune.importance import needs_features, needs_gradients
+from aip.prune.safety import Snapshot, mismatch, outputs, refusal_reason, silence, split_pieces
 
 History = list[list]
 
@@ -39,11 +41,37 @@ class IntervalLog:
     widths_after: dict[str, int] = field(default_factory=dict)
 
 
+@dataclass
+class PrunableGroup:
+    """One group of coupled channels, named by its root layer. `unit` channels go together: a grouped convolution
+    loses the same channel of every channel group, a tensor chunked into equal pieces the same one of every piece."""
+
+    name: str
+    root: nn.Module
+    group: tp.dependency.Group
+    unit: int
+
+    @property
+    def width(self) -> int:
+        return len(self.group[0].idxs)
+
+    def channels(self, units: list[int]) -> list[int]:
+        """The channel indices of the given units (unit j: channel j of every piece)."""
+        step = self.width // self.unit
+        return sorted(j + g * step for j in units for g in range(self.unit))
+
+    def unit_scores(self, scores: torch.Tensor) -> torch.Tensor:
+        """Per-channel scores averaged over the pieces of each unit (as Torch-Pruning's pruners do)."""
+        return scores.view(self.unit, -1).mean(dim=0)
+
+
 class ChannelPruner:
     """Removes channels of `model` in place through one dependency graph that lives as long as the model.
 
     Build it on the unpruned model (it records each group's original width, against which `max_layer_ratio` caps
-    are measured), then either `replay` a saved history or call `prune_to` once per interval.
+    are measured), then either `replay` a saved history or call `prune_to` once per interval. Groups the graph cannot
+    follow are left unpruned (`refused`, with the reason), and every removal step is verified: the network without
+    the removed channels must compute what it computed with those channels silenced, else the step is undone.
     """
 
     def __init__(
@@ -56,20 +84,42 @@ class ChannelPruner:
         self.model = model
         self.example = example_inputs
         self.max_layer_ratio = max_layer_ratio
+        self.ignored_layers = list(ignored_layers)
         self.ignored = [m for layer in ignored_layers for m in layer.modules()]
-        was_training = model.training
-        frozen = [p for p in model.parameters() if not p.requires_grad]
+        self.refused: dict[str, str] = {}
+        self._history: History = []
+        self._build()
+        self.original_widths = {g.name: g.width for g in self._groups(include_refused=True)}
+        self.caps: dict[str, float] = {}
+        self.order: dict[str, float] = {}
+
+    def _build(self) -> None:
+        """Trace the model into Torch-Pruning's graph; its BasePruner finds the channel groups of grouped layers."""
+        was_training = self.model.training
+        frozen = [p for p in self.model.parameters() if not p.requires_grad]
         for p in frozen:  # the graph is traced through autograd: a frozen model would show no layers
             p.requires_grad_(True)
         try:
-            self.graph = tp.DependencyGraph().build_dependency(model, example_inputs=example_inputs, verbose=False)
+            self._tp = tp.pruner.BasePruner(
+                self.model,
+                self.example,
+                importance=tp.importance.GroupMagnitudeImportance(),
+                ignored_layers=self.ignored_layers,
+                in_channel_groups={},
+                out_channel_groups={},
+                num_heads={},
+            )
+        except Exception as exc:  # a third-party tracer: whatever it raises means the graph is not understood
+            raise PruningError(
+                f"Torch-Pruning cannot trace this model ({type(exc).__name__}: {_first_line(exc)})"
+            ) from None
         finally:
-            model.train(was_training)  # tracing leaves the model in eval mode
+            self.model.train(was_training)  # tracing leaves the model in eval mode
             for p in frozen:
                 p.requires_grad_(False)
-        self.original_widths = self.widths()
-        self.caps: dict[str, float] = {}
-        self.order: dict[str, float] = {}
+        self.graph = self._tp.DG
+        split_types = (tp.ops.OPTYPE.SPLIT, tp.ops.OPTYPE.UNBIND)
+        self._has_splits = any(node.type in split_types for node in self.graph.module2node.values())
 
     def set_capacity(self, caps: dict[str, float], order: dict[str, float] | None = None) -> None:
         """Per-group maximum pruning ratios (tightening `max_layer_ratio`), and optionally a hierarchical order:
@@ -79,18 +129,40 @@ class ChannelPruner:
 
     def root_modules(self) -> dict[str, nn.Module]:
         """The root layer of every prunable group, by name."""
-        return {name: root for name, root, _ in self._groups()}
+        return {g.name: g.root for g in self._groups()}
 
-    def _groups(self) -> Iterator[tuple[str, nn.Module, tp.dependency.Group]]:
+    def _groups(self, include_refused: bool = False) -> Iterator[PrunableGroup]:
+        """Every group of coupled channels whose root is a convolution or linear layer (refused ones skipped)."""
         for group in self.graph.get_all_groups(
             ignored_layers=self.ignored, root_module_types=[tp.ops.TORCH_CONV, tp.ops.TORCH_LINEAR]
         ):
             root = group[0].dep.target.module
-            yield self.graph._module2name[root], root, group
+            name = self.graph._module2name[root]
+            if name not in self.refused:
+                reason = refusal_reason(group)
+                pieces = split_pieces(group)
+                unit = self._tp._get_channel_groups(group)
+                if pieces is None:
+                    reason = reason or "a split of its channels into unequal or partial pieces"
+                else:
+                    unit = math.lcm(unit, pieces)
+                if reason is None and len(group[0].idxs) % unit:
+                    reason = f"{len(group[0].idxs)} channels do not divide into {unit} equal channel groups"
+                if reason is not None:
+                    self._refuse(name, reason)
+            if name in self.refused:
+                if include_refused:
+                    yield PrunableGroup(name, root, group, 1)
+                continue
+            yield PrunableGroup(name, root, group, unit)
+
+    def _refuse(self, name: str, reason: str) -> None:
+        self.refused[name] = reason
+        warnings.warn(f"pruning: leaving group {name} unpruned: {reason}", stacklevel=3)
 
     def widths(self) -> dict[str, int]:
         """Current output width of every prunable group, by the name of its root module."""
-        return {name: len(group[0].idxs) for name, _, group in self._groups()}
+        return {g.name: g.width for g in self._groups()}
 
     def min_width(self, name: str) -> int:
         """The fewest channels group `name` may keep under the per-layer cap (never fewer than one)."""
@@ -98,40 +170,61 @@ class ChannelPruner:
         return max(1, math.ceil(self.original_widths[name] * (1.0 - ratio) - 1e-9))
 
     def history(self) -> History:
-        """The Torch-Pruning history as plain JSON-able lists: [module name, is_out_channel, [indices]]."""
-        return [[str(n), bool(out), [int(i) for i in idxs]] for n, out, idxs in self.graph.pruning_history()]
+        """Every removal so far as plain JSON-able lists: [root module name, is_out_channel, [channel indices]]."""
+        return [[n, out, list(idxs)] for n, out, idxs in self._history]
 
     def replay(self, history: History) -> None:
         """Re-apply a saved history to the (unpruned) model, restoring the exact pruned architecture."""
-        try:
-            self.graph.load_pruning_history([list(item) for item in history])
-        except (AttributeError, IndexError, KeyError) as exc:
-            raise PruningError(
-                f"the pruning history does not fit this model ({exc}); was it saved for another?"
-            ) from exc
+        modules = dict(self.model.named_modules())
+        for entry in history:
+            try:
+                name, is_out, idxs = entry
+                module = modules[name]
+                handler = self.graph.get_pruner_of_module(module)
+                fn = handler.prune_out_channels if is_out else handler.prune_in_channels
+                self.graph.get_pruning_group(module, fn, [int(i) for i in idxs]).prune(record_history=False)
+            except (AttributeError, IndexError, KeyError, TypeError, ValueError, RuntimeError) as exc:
+                raise PruningError(
+                    f"the pruning history does not fit this model ({_first_line(exc)}); was it saved for another?"
+                ) from None
+            self._history.append([str(name), bool(is_out), [int(i) for i in idxs]])
+            if self._has_splits:
+                self._build()
 
-    def _candidates(self, importance: tp.importance.Importance) -> list[tuple[float, str, int]]:
-        """(score, group, channel) of every channel that may still go, lowest score first."""
+    def _candidates(
+        self, importance: tp.importance.Importance, groups: list[PrunableGroup]
+    ) -> list[tuple[float, str, int]]:
+        """(score, group, unit) of every channel unit that may still go, lowest score first."""
         candidates: list[tuple[float, str, int]] = []
-        for name, _, group in self._groups():
-            removable = len(group[0].idxs) - self.min_width(name)
+        for g in groups:
+            removable = (g.width - max(self.min_width(g.name), g.unit)) // g.unit
             if removable <= 0:
                 continue
-            scores = importance(group)
+            scores = self._score(importance, g)
             if scores is None:
                 continue
-            scores = torch.nan_to_num(scores.detach().float().cpu(), nan=0.0)
             for idx in torch.argsort(scores, stable=True)[:removable].tolist():
-                candidates.append((float(scores[idx]), name, idx))
+                candidates.append((float(scores[idx]), g.name, idx))
         if self.order:  # hierarchical: the most redundant group first, by score within a group
             candidates.sort(key=lambda c: (self.order.get(c[1], float("inf")), c[1], c[0]))
         else:
             candidates.sort()
         return candidates
 
+    def _score(self, importance: tp.importance.Importance, g: PrunableGroup) -> torch.Tensor | None:
+        """One score per unit of the group, or None (the group refused) when the criterion cannot score it."""
+        try:
+            scores = importance(g.group)
+        except (RuntimeError, IndexError, ValueError, TypeError, KeyError) as exc:
+            self._refuse(g.name, f"the criterion cannot score it ({_first_line(exc)})")
+            return None
+        if scores is None or scores.numel() != g.width:
+            return None
+        return g.unit_scores(torch.nan_to_num(scores.detach().float().cpu(), nan=0.0))
+
     @torch.no_grad()
-    def _channel_costs(self, metric: str) -> dict[str, float]:
-        """Estimated FLOPs (or parameters) that one channel of each group carries, over all its coupled layers."""
+    def _channel_costs(self, metric: str, groups: list[PrunableGroup]) -> dict[str, float]:
+        """Estimated FLOPs (or parameters) that one unit of each group carries, over all its coupled layers."""
         out_sizes: dict[nn.Module, int] = {}
 
         def keep(mod: nn.Module, _i: object, out: torch.Tensor) -> None:
@@ -141,25 +234,26 @@ class ChannelPruner:
         with inspecting(self.model, {m: keep for m in self.model.modules() if isinstance(m, layers)}):
             self.model(self.example)
         costs: dict[str, float] = {}
-        for name, _, group in self._groups():
+        for g in groups:
             total = 0.0
-            for dep, _ in group:
+            for dep, _ in g.group:
                 module = dep.target.module
                 weight = getattr(module, "weight", None)
                 if module not in out_sizes or weight is None:
                     if metric == "params" and isinstance(module, nn.modules.batchnorm._BatchNorm):
                         total += 2.0
                     continue
-                axis = 0 if self.graph.is_out_channel_pruning_fn(dep.handler) else 1
-                per_channel = weight.numel() / weight.shape[axis]
+                out = self.graph.is_out_channel_pruning_fn(dep.handler)
+                channels = self.graph.get_out_channels(module) if out else self.graph.get_in_channels(module)
+                per_channel = weight.numel() / max(1, channels or 1)
                 total += per_channel if metric == "params" else 2.0 * per_channel * out_sizes[module]
-            costs[name] = total
+            costs[g.name] = total * g.unit
         return costs
 
     def _choose(
         self, candidates: list[tuple[float, str, int]], costs: dict[str, float], gap: float, slack: float
     ) -> dict[str, list[int]]:
-        """Lowest-scored channels whose estimated cost fills `gap`, skipping any that would overshoot by > `slack`."""
+        """Lowest-scored units whose estimated cost fills `gap`, skipping any that would overshoot by > `slack`."""
         chosen: dict[str, list[int]] = defaultdict(list)
         removed = 0.0
         for _, name, idx in candidates:
@@ -169,36 +263,78 @@ class ChannelPruner:
                 continue
             chosen[name].append(idx)
             removed += costs[name]
-        if not chosen:  # every single channel overshoots: take the one that overshoots least
+        if not chosen:  # every single unit overshoots: take the one that overshoots least
             _, name, idx = min(candidates, key=lambda c: (costs[c[1]], c[0]))
             chosen[name].append(idx)
         return chosen
 
-    def _remove(self, chosen: dict[str, list[int]]) -> None:
-        """Prune the chosen channels; Torch-Pruning's new Parameters keep the old ones' requires_grad."""
+    def _remove(self, chosen: dict[str, list[int]], groups: list[PrunableGroup]) -> None:
+        """Remove the chosen units of each group as one verified step; when the step fails, retry group by group
+        and leave every group that fails alone unpruned, with the reason."""
+        by_name = {g.name: g for g in groups}
+        plan = {name: by_name[name].channels(units) for name, units in chosen.items()}
+        problem = self._try_remove(plan)
+        if problem is None:
+            return
+        if len(plan) == 1:
+            self._refuse(next(iter(plan)), problem)
+            return
+        for name, channels in plan.items():
+            problem = self._try_remove({name: channels})
+            if problem is not None:
+                self._refuse(name, problem)
+
+    def _group_of(self, name: str, channels: list[int]) -> tp.dependency.Group:
+        module = self.graph.model.get_submodule(name)
+        handler = self.graph.get_pruner_of_module(module).prune_out_channels
+        return self.graph.get_pruning_group(module, handler, channels)
+
+    def _try_remove(self, plan: dict[str, list[int]]) -> str | None:
+        """Silence the planned channels, record the output, remove them, compare; undo everything on a mismatch or
+        error. Torch-Pruning's new Parameters keep the old ones' requires_grad. None on success, else the reason."""
         frozen = {n for n, p in self.model.named_parameters() if not p.requires_grad}
-        modules = dict(self.model.named_modules())
-        for name, idxs in chosen.items():
-            root = modules[name]
-            handler = self.graph.get_pruner_of_module(root).prune_out_channels
-            group = self.graph.get_pruning_group(root, handler, sorted(idxs))
-            if self.graph.check_pruning_group(group):
-                group.prune()
+        snapshot = Snapshot(self.model)
+        problem = None
+        try:
+            for name, channels in plan.items():
+                if not silence(self._group_of(name, channels), self.graph, snapshot):
+                    problem = "a layer that reads these channels cannot be checked"
+            reference = outputs(self.model, self.example)
+            for name, channels in plan.items():
+                if problem is None:
+                    group = self._group_of(name, channels)  # made just before pruning: indices shift as groups go
+                    if not self.graph.check_pruning_group(group):
+                        problem = "Torch-Pruning's check refused it (it would empty a layer)"
+                    else:
+                        group.prune(record_history=False)
+            if problem is None:
+                problem = mismatch(reference, outputs(self.model, self.example))
+        except (RuntimeError, ValueError, IndexError, TypeError, AssertionError, KeyError) as exc:
+            problem = f"removing channels broke the forward pass ({_first_line(exc)})"
+        if problem is not None:
+            snapshot.restore()
+        else:
+            self._history.extend([name, True, channels] for name, channels in plan.items())
+        if self._has_splits:  # Torch-Pruning fixes split sizes when tracing: trace the new shapes again
+            self._build()
         for name, param in self.model.named_parameters():
             if name in frozen:
                 param.requires_grad_(False)
+        return problem
 
     def prune_to_widths(self, widths: dict[str, int], importance: tp.importance.Importance) -> None:
-        """Shrink each named group to the given width, dropping its lowest-scored channels (never below one)."""
+        """Shrink each named group to about the given width (a whole number of units, at least one), dropping its
+        lowest-scored units."""
         for name, width in widths.items():
-            for group_name, _, group in self._groups():
-                if group_name != name:
+            g = next((g for g in self._groups() if g.name == name), None)
+            if g is None:
+                continue
+            excess = round((g.width - max(g.unit, int(width))) / g.unit)
+            if excess > 0:
+                scores = self._score(importance, g)
+                if scores is None:
                     continue
-                excess = len(group[0].idxs) - max(1, int(width))
-                if excess > 0:
-                    scores = torch.nan_to_num(importance(group).detach().float().cpu(), nan=0.0)
-                    self._remove({name: torch.argsort(scores, stable=True)[:excess].tolist()})
-                break
+                self._remove({name: torch.argsort(scores, stable=True)[:excess].tolist()}, [g])
         self.model.zero_grad(set_to_none=True)
 
     def cost(self, metric: str) -> float:
@@ -244,7 +380,8 @@ class ChannelPruner:
         steps = 0
         while current > target:
             self._record_features(importance, calibrate)  # feature maps of the current (partly pruned) model
-            candidates = self._candidates(importance)
+            groups = list(self._groups())
+            candidates = self._candidates(importance, groups)
             if not candidates:
                 raise PruningError(
                     f"cannot reach the target: the {metric} are still {current / before:.3f} of the interval's start "
@@ -252,13 +389,13 @@ class ChannelPruner:
                     + (", and the capacity limits of prune.capacity" if self.caps else "")
                     + "); raise the cap or the target ratio"
                 )
-            costs = self._channel_costs(metric)
+            costs = self._channel_costs(metric, groups)
             gap = current - target
             if self.order:  # the next group in line takes what it can before the next one is touched
                 first = candidates[0][1]
                 candidates = [c for c in candidates if c[1] == first]
                 gap = min(gap, costs[first] * len(candidates))
-            self._remove(self._choose(candidates, costs, gap, tolerance * target))
+            self._remove(self._choose(candidates, costs, gap, tolerance * target), groups)
             current = self.cost(metric)
             steps += 1
         self.model.zero_grad(set_to_none=True)
@@ -281,11 +418,18 @@ class ChannelPruner:
         self._record_features(importance, calibrate)
         widths_before = self.widths()
         before = self.cost(metric)
-        candidates = [c for c in self._candidates(importance) if c[0] < threshold]
+        groups = list(self._groups())
+        candidates = [c for c in self._candidates(importance, groups) if c[0] < threshold]
         steps = 0
         if candidates and before > floor:
-            self._remove(self._choose(candidates, self._channel_costs(metric), before - floor, tolerance * floor))
+            costs = self._channel_costs(metric, groups)
+            self._remove(self._choose(candidates, costs, before - floor, tolerance * floor), groups)
             steps = 1
         self.model.zero_grad(set_to_none=True)
         self.model.train(was_training)
         return IntervalLog(before, self.cost(metric), floor, steps, widths_before, self.widths())
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return " ".join(text.splitlines()[0].split()) if text else type(exc).__name__

@@ -47,7 +47,8 @@ class WidthCost:
         out_group: dict[nn.Module, str] = {}
         in_group: dict[nn.Module, str] = {}
         self.bn_groups: dict[str, int] = {}
-        for name, _, group in pruner._groups():
+        for g in pruner._groups():
+            name, group = g.name, g.group
             for item in group:
                 module = item.dep.target.module
                 if graph.is_out_channel_pruning_fn(item.dep.handler):

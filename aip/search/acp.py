@@ -6,7 +6,8 @@
 2. Particle swarm over width vectors (one width per group: coupled layers share it): particle 0 is the clustering
    result, the others random offsets of it; every candidate is projected under the FLOPs (or parameter) budget.
    Fitness comes from the caller (accuracy after a short recovery on a held-out split), minus a penalty for any
-   excess over the budget. The swarm's state is saved after every iteration and a search resumes from it.
+   excess over the budget; a caller may score a whole iteration's candidates at once (`evaluate_many`), sharing
+   them out over processes. The swarm's state is saved after every iteration and a search resumes from it.
 
 The search knows nothing of training: the engine passes the fitness function.
 """
@@ -83,34 +84,44 @@ class ParticleSwarm:
     """Particle-swarm optimisation of integer width vectors between `lower` and `upper`, maximising `fitness`.
 
     `project(widths)` maps any vector to an admissible one (inside the budget); `fitness(widths)` scores a projected
-    integer vector. Velocities follow the constriction form v <- chi (w v + c1 r1 (p - x) + c2 r2 (g - x)), the
-    inertia w falling linearly over the iterations, each component clipped to +-velocity_clip.
+    integer vector, or `evaluate_many(vectors)` scores all of an iteration's at once (the same values, in order).
+    Velocities follow the constriction form v <- chi (w v + c1 r1 (p - x) + c2 r2 (g - x)), the inertia w falling
+    linearly over the iterations, each component clipped to +-velocity_clip. Every process of a multi-process search
+    runs the same swarm on the same scores; only the one with `write=True` saves its state.
     """
 
     def __init__(
         self,
         lower: list[int],
         upper: list[int],
-        fitness: Callable[[list[int]], float],
+        fitness: Callable[[list[int]], float] | None,
         project: Callable[[list[float]], list[int]],
         cfg: SwarmConfig,
         seed: int = 0,
         state_path: Path | None = None,
         key: str = "",
+        evaluate_many: Callable[[list[list[int]]], list[float]] | None = None,
+        write: bool = True,
     ) -> None:
+        if fitness is None and evaluate_many is None:
+            raise ValueError("ParticleSwarm needs fitness or evaluate_many")
         self.lower = torch.tensor(lower, dtype=torch.float64)
         self.upper = torch.tensor(upper, dtype=torch.float64)
         self.fitness, self.project, self.cfg = fitness, project, cfg
-        self.state_path, self.key = state_path, key
+        self.evaluate_many = evaluate_many
+        self.state_path, self.key, self.write = state_path, key, write
         self.gen = torch.Generator().manual_seed(seed)
         self.state = SwarmState(key=key)
 
     def _rand(self, *shape: int) -> torch.Tensor:
         return torch.rand(*shape, generator=self.gen, dtype=torch.float64)
 
-    def _evaluate(self, position: torch.Tensor) -> tuple[list[int], float]:
-        widths = self.project(position.tolist())
-        return widths, float(self.fitness(widths))
+    def _evaluate(self, positions: torch.Tensor) -> tuple[list[list[int]], list[float]]:
+        """Project every position and score the projected vectors, all at once when the caller can."""
+        widths = [self.project(p.tolist()) for p in positions]
+        if self.evaluate_many is not None:
+            return widths, [float(f) for f in self.evaluate_many(widths)]
+        return widths, [float(self.fitness(w)) for w in widths]  # type: ignore[misc]
 
     def initialise(self, start: list[int]) -> None:
         """Particle 0 at `start`, the others offset from it by up to init_spread of each group's range."""
@@ -121,11 +132,9 @@ class ParticleSwarm:
         positions[0] = base
         positions = torch.maximum(torch.minimum(positions, self.upper), self.lower)
         self.state.positions = positions.tolist()
-        self.state.best_positions, self.state.best_fitness = [], []
-        for p in positions:
-            widths, fit = self._evaluate(p)
-            self.state.best_positions.append([float(w) for w in widths])
-            self.state.best_fitness.append(fit)
+        widths, fits = self._evaluate(positions)
+        self.state.best_positions = [[float(w) for w in ws] for ws in widths]
+        self.state.best_fitness = fits
         self.state.velocities = torch.zeros(n, dims).tolist()
         best = max(range(n), key=lambda i: self.state.best_fitness[i])
         self.state.global_best = list(self.state.best_positions[best])
@@ -147,8 +156,8 @@ class ParticleSwarm:
         moved = x + v
         x = torch.maximum(torch.minimum(moved, self.upper), self.lower)
         v = torch.where(moved == x, v, -0.5 * v)  # reflecting walls: a particle at a bound turns back
-        for i in range(len(x)):  # positions stay continuous; a particle is scored at its rounded, projected point
-            widths, fit = self._evaluate(x[i])
+        everyone, fits = self._evaluate(x)  # positions stay continuous; a particle is scored at its projected point
+        for i, (widths, fit) in enumerate(zip(everyone, fits, strict=True)):
             if fit > s.best_fitness[i]:
                 s.best_fitness[i], s.best_positions[i] = fit, [float(w) for w in widths]
             if fit > s.global_fitness:
@@ -162,7 +171,7 @@ class ParticleSwarm:
         self.save()
 
     def save(self) -> None:
-        if self.state_path is None:
+        if self.state_path is None or not self.write:
             return
         self.state.rng = self.gen.get_state().tolist()
         tmp = self.state_path.with_name(self.state_path.name + ".tmp")

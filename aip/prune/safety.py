@@ -1,0 +1,187 @@
+"""What makes a removal step safe: groups the graph cannot follow are refused up front, and every step is checked.
+
+Torch-Pruning's tracer treats any operation it does not know as element-wise (channel i in, channel i out). That is
+wrong for channel padding (a zero-padding shortcut), custom autograd functions, gathers, shuffles and in-place
+writes into slices, and for normalisations over channels (LayerNorm, GroupNorm), which make every channel depend on the
+others. `refusal_reason` names such an operation in a group so the group is left unpruned.
+
+Every removal step is then verified: the channels about to go are silenced first (their outgoing weights zeroed, so
+the network no longer depends on them), the output on the example input is recorded, the channels are removed, and
+the output must be the same. A step that fails is undone with `Snapshot.restore`.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch_pruning as tp
+from torch import nn
+from torch.utils._pytree import tree_flatten
+
+# grad_fn names (without the trailing version digit) that move values across channels.
+_CHANNEL_MIXING = {
+    "IndexBackward": "an index/gather on a tensor",
+    "IndexSelectBackward": "index_select",
+    "GatherBackward": "gather",
+    "ScatterBackward": "scatter",
+    "RollBackward": "roll",
+    "FlipBackward": "flip",
+    "RepeatBackward": "repeat",
+    "PixelShuffleBackward": "pixel_shuffle",
+    "PixelUnshuffleBackward": "pixel_unshuffle",
+    "ChannelShuffleBackward": "channel_shuffle",
+    "UnfoldBackward": "unfold",
+    "Im2ColBackward": "unfold",
+    "SplitWithSizesBackward": "split into fixed sizes",
+    "CopySlices": "an in-place write into a slice",
+}
+_PER_CHANNEL_NORMS = (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm)
+
+
+def _op_name(node: object) -> str:
+    grad_fn = getattr(node, "grad_fn", None)
+    if grad_fn is None:
+        return ""
+    if isinstance(grad_fn, torch.autograd.function.BackwardCFunction):
+        return "BackwardCFunction"
+    return grad_fn.name().rstrip("0123456789")
+
+
+def _pads_channels(grad_fn: object) -> bool:
+    pad = list(getattr(grad_fn, "_saved_pad", ()) or ())
+    return len(pad) >= 6 and any(int(p) != 0 for p in pad[4:6])
+
+
+def refusal_reason(group: tp.dependency.Group) -> str | None:
+    """Why this group must not be pruned (an operation the dependency graph cannot follow), or None."""
+    for item in group:
+        node, module = item.dep.target, item.dep.target.module
+        name = _op_name(node)
+        if isinstance(module, nn.LayerNorm):
+            return f"LayerNorm {node.name} normalises over these channels (removing one changes the others)"
+        if isinstance(module, nn.GroupNorm) and module.num_groups != module.num_channels:
+            return f"GroupNorm {node.name} normalises groups of channels together"
+        if isinstance(module, (nn.MultiheadAttention, nn.RNNBase)):
+            return f"{type(module).__name__} {node.name} mixes channels in ways the check cannot silence"
+        if name == "BackwardCFunction":
+            return "a custom autograd function (the graph cannot see how it maps channels)"
+        if name == "ConstantPadNdBackward" and _pads_channels(node.grad_fn):
+            return "channel padding (F.pad on the channel axis, e.g. a zero-padding shortcut)"
+        if name in _CHANNEL_MIXING:
+            return f"{_CHANNEL_MIXING[name]} ({name}), which the graph cannot follow across channels"
+    return None
+
+
+def split_pieces(group: tp.dependency.Group) -> int | None:
+    """For a group whose full width is split into equal pieces (torch.chunk), the number of pieces; 1 without a
+    split; None for a split the pruner cannot keep consistent (a part of the channels, or unequal pieces)."""
+    width = len(group[0].idxs)
+    pieces = 1
+    for item in group:
+        if item.dep.target.type not in (tp.ops.OPTYPE.SPLIT, tp.ops.OPTYPE.UNBIND):
+            continue
+        sizes = getattr(item.dep.target.module, "split_sizes", None)
+        if not sizes or len(item.idxs) != width or sum(sizes) != width or len(set(sizes)) != 1:
+            return None
+        pieces = pieces * len(sizes) // _gcd(pieces, len(sizes))
+    return pieces
+
+
+def _gcd(a: int, b: int) -> int:
+    while b:
+        a, b = b, a % b
+    return a
+
+
+class Snapshot:
+    """Every module's parameters, buffers and attributes (channel counts), to undo a removal step in place.
+
+    Restoring keeps the module objects (the dependency graph and hooks refer to them) and puts back the tensors
+    they held; parameters whose values were overwritten in place are put back through `keep_data`.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.entries = []
+        for module in model.modules():
+            attrs = {k: v for k, v in vars(module).items() if k not in ("_parameters", "_buffers", "_modules")}
+            self.entries.append((module, attrs, dict(module._parameters), dict(module._buffers)))
+        self.data: list[tuple[nn.Parameter, torch.Tensor]] = []
+
+    def keep_data(self, param: nn.Parameter) -> None:
+        """Remember a parameter's current values before they are changed in place."""
+        self.data.append((param, param.data))
+
+    def restore(self) -> None:
+        for module, attrs, params, buffers in self.entries:
+            module._parameters.clear()
+            module._parameters.update(params)
+            module._buffers.clear()
+            module._buffers.update(buffers)
+            for key in [k for k in vars(module) if k not in attrs and k not in ("_parameters", "_buffers", "_modules")]:
+                delattr(module, key)
+            vars(module).update(attrs)
+        for param, data in self.data:
+            param.data = data
+
+
+@torch.no_grad()
+def silence(group: tp.dependency.Group, graph: tp.DependencyGraph, snapshot: Snapshot) -> bool:
+    """Zero the weights through which the group's channels reach the next layers (inputs of convolutions and linear
+    layers), so the network's output no longer depends on them. False when some consumer cannot be silenced."""
+    for item in group:
+        module, handler, idxs = item.dep.target.module, item.dep.handler, list(item.idxs)
+        if not idxs or not graph.is_in_channel_pruning_fn(handler):
+            continue
+        if isinstance(module, nn.Linear):
+            weights = [(module.weight, 1, idxs, None)]
+        elif isinstance(module, nn.modules.conv._ConvNd):
+            if module.groups == module.in_channels == module.out_channels and module.groups > 1:
+                continue  # depthwise: channel i in is channel i out, which the group removes too
+            weights = [(module.weight, 0 if module.transposed else 1, idxs, module)]
+        elif isinstance(module, (*_PER_CHANNEL_NORMS, nn.GroupNorm, nn.PReLU)):
+            continue
+        elif not isinstance(module, nn.Module) or not any(True for _ in module.parameters(recurse=False)):
+            continue  # graph-only operations (sums, concatenations, pooling) and parameters pruned per channel
+        else:
+            return False
+        for param, axis, channels, conv in weights:
+            snapshot.keep_data(param)
+            data = param.data.clone()
+            if conv is not None and conv.groups > 1:
+                per_in = conv.in_channels // conv.groups
+                per_out = conv.out_channels // conv.groups
+                for c in channels:
+                    g, local = divmod(c, per_in)
+                    if conv.transposed:
+                        data[c] = 0
+                    else:
+                        data[g * per_out : (g + 1) * per_out, local] = 0
+            else:
+                data.index_fill_(axis, torch.as_tensor(channels, device=data.device), 0)
+            param.data = data
+    return True
+
+
+def outputs(model: nn.Module, example: torch.Tensor) -> list[torch.Tensor]:
+    """The model's output tensors on `example` (any nesting of tuples, lists and dicts), in eval mode."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            flat, _ = tree_flatten(model(example))
+    finally:
+        model.train(was_training)
+    return [t.detach().float() for t in flat if isinstance(t, torch.Tensor)]
+
+
+def mismatch(reference: list[torch.Tensor], found: list[torch.Tensor], rtol: float = 1e-3) -> str | None:
+    """None when every output has the same shape and values (to float tolerance), else what differs."""
+    if len(reference) != len(found):
+        return f"the model now returns {len(found)} tensors instead of {len(reference)}"
+    for i, (a, b) in enumerate(zip(reference, found, strict=True)):
+        if a.shape != b.shape:
+            return f"output {i} changed shape from {tuple(a.shape)} to {tuple(b.shape)}"
+        scale = float(a.abs().max()) if a.numel() else 0.0
+        err = float((a - b).abs().max()) if a.numel() else 0.0
+        if not err <= rtol * max(scale, 1e-3):
+            return f"output {i} changed by {err:.3g} (scale {scale:.3g}): the network computes something else"
+    return None

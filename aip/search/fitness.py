@@ -1,0 +1,155 @@
+"""ACP's measurements: the channel responses the clustering reads, and a candidate structure's fitness.
+
+Both look at training images through the validation transform (`DataBundle.train_eval`): a measurement on randomly
+cropped and flipped images would change with the random state. Only the candidates' short recovery trains on
+augmented images. The candidates of a swarm iteration are shared out over the processes and their scores gathered
+(`spread`), so every process works on the search and none waits idle for hours in a collective.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from dataclasses import dataclass
+from itertools import islice
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, Subset
+
+from aip.config import Config, PruneConfig
+from aip.data import DataBundle
+from aip.distill.losses import kd_loss
+from aip.hooks import inspecting
+from aip.models import classifier_of
+from aip.prune.importance import create_importance, needs_features
+from aip.prune.pruner import ChannelPruner
+from aip.seeding import derive_seed, seeded
+
+
+@dataclass
+class SearchData:
+    """The training set split for the search: a held-out part scores candidates, the rest trains and calibrates."""
+
+    train: Dataset  # augmented images outside the held-out part: the candidates' short recovery
+    holdout: Dataset  # held-out images, validation transform: the fitness
+    calibration: Dataset  # images outside the held-out part, validation transform: responses and feature maps
+
+
+def split_search_data(data: DataBundle, holdout_size: int, seed: int) -> SearchData:
+    """A fixed random held-out part of `holdout_size` training images (by `seed`), and the rest."""
+    view = data.train_eval if data.train_eval is not None else data.train
+    order = torch.randperm(len(data.train), generator=torch.Generator().manual_seed(seed))  # type: ignore[arg-type]
+    held, rest = order[:holdout_size].tolist(), order[holdout_size:].tolist()
+    return SearchData(Subset(data.train, rest), Subset(view, held), Subset(view, rest))
+
+
+@torch.no_grad()
+def channel_responses(
+    model: nn.Module, roots: dict[str, nn.Module], data: Dataset, count: int, batch_size: int, device: torch.device
+) -> dict[str, torch.Tensor]:
+    """Each root module's channel responses (channels, images): spatial means over the first `count` images."""
+    store: dict[str, list[torch.Tensor]] = {}
+
+    def keep(name: str) -> Callable[[nn.Module, object, torch.Tensor], None]:
+        def hook(_m: nn.Module, _i: object, out: torch.Tensor) -> None:
+            pooled = out.float().flatten(2).mean(2) if out.dim() > 2 else out.float()
+            store.setdefault(name, []).append(pooled.T.cpu())
+
+        return hook
+
+    loader = DataLoader(Subset(data, range(min(count, len(data)))), batch_size=batch_size)  # type: ignore[arg-type]
+    with inspecting(model, {m: keep(name) for name, m in roots.items()}):
+        for x, _ in loader:
+            model(x.to(device))
+    return {name: torch.cat(chunks, dim=1) for name, chunks in store.items()}
+
+
+def cut_to_widths(
+    pruner: ChannelPruner,
+    widths: dict[str, int],
+    prune_cfg: PruneConfig,
+    calibration: Dataset,
+    batch_size: int,
+    device: torch.device,
+) -> None:
+    """Cut the pruner's model to `widths` with the similarity criterion, so that a cluster of near-identical
+    channels keeps one; with `prune.similarity.source: features` their feature maps are first recorded on
+    `prune.calibration_batches` batches of `calibration` (in order: the same on every process and every run)."""
+    importance = create_importance("similarity", prune_cfg)
+    if needs_features(importance):
+        loader = DataLoader(calibration, batch_size=batch_size)
+        with torch.no_grad(), importance.recording(pruner.model), inspecting(pruner.model):
+            for x, _ in islice(loader, prune_cfg.calibration_batches):
+                pruner.model(x.to(device))
+    pruner.prune_to_widths(widths, importance)
+
+
+def recovered_top1(
+    cfg: Config, teacher: nn.Module, widths: dict[str, int], example: torch.Tensor, data: SearchData
+) -> float:
+    """Top-1 (%) on the held-out images of the teacher cut to `widths` after `acp.recovery_steps` training steps.
+
+    Seeded from the run's seed and the widths alone, so a candidate scores the same on any process, in any order,
+    and leaves the global random state as it found it."""
+    device = example.device
+    with seeded(derive_seed(cfg.seed, "acp-candidate", tuple(widths.values()))):
+        model = copy.deepcopy(teacher).requires_grad_(True).train()
+        cut_to_widths(
+            ChannelPruner(model, example, [classifier_of(model)]),
+            widths,
+            cfg.prune,
+            data.calibration,
+            cfg.data.batch_size,
+            device,
+        )
+        model.train()
+        optimizer = torch.optim.SGD(
+            model.parameters(), lr=cfg.train.lr, momentum=cfg.train.momentum, weight_decay=cfg.train.weight_decay
+        )
+        gen = torch.Generator().manual_seed(cfg.seed)
+        loader = DataLoader(data.train, batch_size=cfg.data.batch_size, shuffle=True, drop_last=True, generator=gen)
+        steps = 0
+        while steps < cfg.acp.recovery_steps:
+            for x, y in loader:
+                x, y = x.to(device), y.to(device)
+                logits = model(x)
+                loss = F.cross_entropy(logits, y)
+                if cfg.acp.distill:
+                    with torch.no_grad():
+                        t_logits = teacher(x)
+                    kd = kd_loss(logits, t_logits, cfg.loss.kd.temperature, cfg.loss.kd.kind)
+                    loss = cfg.loss.ce.weight * loss + cfg.loss.kd.weight * kd
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                steps += 1
+                if steps == cfg.acp.recovery_steps:
+                    break
+        model.eval()
+        correct = total = 0
+        with torch.no_grad():
+            for x, y in DataLoader(data.holdout, batch_size=cfg.data.eval_batch_size):
+                correct += int((model(x.to(device)).argmax(1) == y.to(device)).sum())
+                total += len(y)
+    return 100.0 * correct / max(total, 1)
+
+
+def spread(
+    accelerator: Any, score: Callable[[list[int]], float], candidates: list[list[int]]
+) -> tuple[list[float], int]:
+    """Score candidate i on process i mod (number of processes), then give every process all the scores.
+
+    Returns the scores in the order of `candidates` and how many this process computed."""
+    world, rank = accelerator.num_processes, accelerator.process_index
+    mine = {i: float(score(c)) for i, c in enumerate(candidates) if i % world == rank}
+    if world == 1:
+        return [mine[i] for i in range(len(candidates))], len(mine)
+    from accelerate.utils import gather_object
+
+    merged: dict[int, float] = {}
+    for part in gather_object([mine]):
+        merged.update(part)
+    return [merged[i] for i in range(len(candidates))], len(mine)

@@ -1,0 +1,200 @@
+"""Pruning is correct on awkward graphs: every removal step keeps the network's function, checked independently.
+
+The independent check replays the pruner's history on an untouched copy of the model, step by step: before each
+step the channels about to go are masked at the inputs of the layers that read them (forward pre-hooks, not the
+pruner's own weight zeroing), and the output with the mask must equal the output after the channels are removed.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+from aip.models import classifier_of, create_model
+from aip.prune.cost import model_cost
+from aip.prune.importance import create_importance
+from aip.prune.pruner import ChannelPruner, PruningError
+from aip.prune.safety import outputs
+
+TOY = ["toy_split", "toy_concat", "toy_grouped", "toy_dw_se", "cifar_resnet8", "cifar_resnet8_a"]
+
+
+def _mask_inputs(graph, group) -> list:
+    """Pre-hooks that zero, at every layer reading the group's channels, exactly those input channels."""
+    handles = []
+    for item in group:
+        module, idxs = item.dep.target.module, list(item.idxs)
+        if not graph.is_in_channel_pruning_fn(item.dep.handler) or not isinstance(module, (nn.Conv2d, nn.Linear)):
+            continue
+        if isinstance(module, nn.Conv2d) and module.groups == module.in_channels == module.out_channels > 1:
+            continue
+
+        def hook(mod: nn.Module, args: tuple, idxs: list[int] = idxs) -> tuple:
+            x = args[0].clone()
+            if isinstance(mod, nn.Linear):
+                x[..., idxs] = 0
+            else:
+                x[:, idxs] = 0
+            return (x, *args[1:])
+
+        handles.append(module.register_forward_pre_hook(hook))
+    return handles
+
+
+def assert_history_keeps_function(original: nn.Module, history: list, example: torch.Tensor) -> nn.Module:
+    """Replay `history` on `original` step by step; each step must compute what the masked network computed."""
+    model = copy.deepcopy(original).eval()
+    for step, (name, is_out, idxs) in enumerate(history):
+        assert is_out
+        pruner = ChannelPruner(model, example, [classifier_of(model)])  # traced afresh: split sizes are current
+        module = model.get_submodule(name)
+        handler = pruner.graph.get_pruner_of_module(module).prune_out_channels
+        group = pruner.graph.get_pruning_group(module, handler, idxs)
+        handles = _mask_inputs(pruner.graph, group)
+        masked = outputs(model, example)
+        for h in handles:
+            h.remove()
+        group.prune(record_history=False)
+        pruned = outputs(model, example)
+        for a, b in zip(masked, pruned, strict=True):
+            assert a.shape == b.shape, f"step {step} ({name}) changed the output shape"
+            assert torch.allclose(a, b, rtol=1e-4, atol=1e-4 * float(a.abs().max())), f"step {step} ({name})"
+    return model
+
+
+@pytest.mark.parametrize("name", TOY)
+def test_toy_graphs_reach_half_the_flops_and_every_step_keeps_the_function(name: str) -> None:
+    torch.manual_seed(0)
+    model = create_model(name, 10).eval()
+    for m in model.modules():  # non-trivial BatchNorm statistics, so a misrouted channel shows in the output
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+            m.bias.data.uniform_(-0.5, 0.5)
+    example = torch.randn(1, 3, 32, 32)
+    original = copy.deepcopy(model)
+    pruner = ChannelPruner(model, example, [classifier_of(model)])
+    base = model_cost(model, example).flops
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pruner.prune_to(0.5 * base, "flops", create_importance("l1"))
+    ratio = model_cost(model, example).flops / base
+    assert 0.5 * 0.95 <= ratio <= 0.5
+    replayed = assert_history_keeps_function(original, pruner.history(), example)
+    assert {k: v.shape for k, v in replayed.state_dict().items()} == {k: v.shape for k, v in model.state_dict().items()}
+    x = torch.randn(3, 3, 32, 32)
+    torch.testing.assert_close(replayed(x), model.eval()(x))
+
+
+def test_chunked_halves_lose_the_same_number_of_channels() -> None:
+    model = create_model("toy_split", 10).eval()
+    pruner = ChannelPruner(model, torch.randn(1, 3, 32, 32), [model.fc])
+    pruner.prune_to(0.5 * pruner.cost("flops"), "flops", create_importance("l1"))
+    for block in (model.features[1], model.features[3]):
+        assert block.conv[0].out_channels % 2 == 0
+        assert block.left[0].in_channels == block.right[0].in_channels == block.conv[0].out_channels // 2
+
+
+def test_grouped_convolutions_keep_equal_channel_groups() -> None:
+    model = create_model("toy_grouped", 10).eval()
+    pruner = ChannelPruner(model, torch.randn(1, 3, 32, 32), [model.fc])
+    pruner.prune_to(0.4 * pruner.cost("flops"), "flops", create_importance("l2"))
+    for conv in (model.features[2][0], model.features[4][0]):
+        assert conv.in_channels % conv.groups == 0 and conv.out_channels % conv.groups == 0
+        assert conv.weight.shape[1] == conv.in_channels // conv.groups
+
+
+def test_zero_padding_shortcut_is_refused_with_its_reason_and_the_rest_prunes() -> None:
+    model = create_model("cifar_resnet8_a", 10).eval()
+    example = torch.randn(1, 3, 32, 32)
+    with pytest.warns(UserWarning, match="channel padding"):
+        pruner = ChannelPruner(model, example, [model.fc])
+        pruner.prune_to(0.6 * pruner.cost("flops"), "flops", create_importance("l1"))
+    assert any("channel padding" in reason for reason in pruner.refused.values())
+    assert model.conv1.out_channels == 16  # the padded residual stream keeps its width
+    assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+
+
+class CustomFunction(torch.autograd.Function):
+    """An op the graph cannot see into: reverses the channel order."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        return x.flip(1)
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor) -> torch.Tensor:
+        return g.flip(1)
+
+
+class Reversing(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(3, 8, 3, padding=1)
+        self.b = nn.Conv2d(8, 8, 3, padding=1)
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.b(CustomFunction.apply(torch.relu(self.a(x))))
+        return self.fc(x.mean(dim=(2, 3)))
+
+
+def test_custom_autograd_function_is_refused_not_guessed() -> None:
+    model = Reversing().eval()
+    with pytest.warns(UserWarning, match="custom autograd function"):
+        pruner = ChannelPruner(model, torch.randn(1, 3, 8, 8), [model.fc])
+    assert "a" in pruner.refused
+    assert model.a.out_channels == 8
+
+
+class SlicedWindow(nn.Module):
+    """Reads a hard-coded window of a conv's channels: removing a channel before it shifts the window, and the
+    classifier no longer fits its input."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(3, 8, 3, padding=1)
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.a(x)[:, 2:6].mean(dim=(2, 3)))
+
+
+class CumulativeChannels(nn.Module):
+    """A running sum over channels, which the graph takes for an element-wise op: after a removal every shape
+    still fits, but the later channels' values change."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(3, 8, 3, padding=1)
+        self.b = nn.Conv2d(8, 4, 1)
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.b(torch.cumsum(torch.relu(self.a(x)), dim=1)).mean(dim=(2, 3)))
+
+
+@pytest.mark.parametrize(
+    ("make", "reason"), [(CumulativeChannels, "computes something else"), (SlicedWindow, "broke the forward")]
+)
+def test_a_step_that_changes_the_function_is_rolled_back_and_the_group_left(make: type, reason: str) -> None:
+    model = make().eval()
+    example = torch.randn(1, 3, 8, 8)
+    weight = model.a.weight.detach().clone()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        pruner = ChannelPruner(model, example, [model.fc])
+        try:
+            pruner.prune_to(0.3 * pruner.cost("flops"), "flops", create_importance("l1"))
+        except PruningError as exc:
+            assert "cannot reach the target" in str(exc)
+    assert reason in pruner.refused["a"]
+    assert any("leaving group a unpruned" in str(w.message) for w in caught)
+    assert [entry for entry in pruner.history() if entry[0] == "a"] == []
+    torch.testing.assert_close(model.a.weight, weight, rtol=0, atol=0)  # rolled back exactly, silenced weights too
+    if not pruner.history():
+        assert model(example).shape == (1, 3)
