@@ -97,7 +97,7 @@ class ActivationConfig:
     """`prune.criterion: activation`: how much each interval removes."""
 
     # `fraction`: the schedule's share of the target, lowest relative activation first, like any criterion;
-    # `threshold`: every channel under `threshold` of its layer's strongest (the authors' rule), never past the target.
+    # `threshold`: every channel under `threshold` of its layer's 0.9-quantile (the authors' rule), never past the target.
     mode: str = "fraction"
     threshold: float = 0.1
 
@@ -452,7 +452,7 @@ def validate(cfg: Config) -> None:
     _choice("prune.activation.mode", cfg.prune.activation.mode, ACTIVATION_MODES)
     if not 0.0 < cfg.prune.activation.threshold < 1.0:
         raise ConfigError(
-            f"prune.activation.threshold: must lie in (0, 1), a fraction of the layer's strongest channel; "
+            f"prune.activation.threshold: must lie in (0, 1), a fraction of the layer's 0.9-quantile channel; "
             f"got {cfg.prune.activation.threshold}"
         )
     cap = cfg.prune.capacity

@@ -500,7 +500,7 @@ class Engine:
                 if criterion == "activation" and cfg.prune.activation.mode == "threshold":
                     floor = target_ratio(cfg) * base[metric]
                     log = pruner.prune_below(cfg.prune.activation.threshold, floor, metric, importance, calibrate)
-                    goal = f"channels under {cfg.prune.activation.threshold} of their layer's strongest, floor "
+                    goal = f"channels under {cfg.prune.activation.threshold} of their layer's 0.9-quantile, floor "
                     goal += f"{target_ratio(cfg):.3f}"
                 else:
                     log = pruner.prune_to(stage.target * base[metric], metric, importance, calibrate)
@@ -517,11 +517,13 @@ class Engine:
                     "seconds": time.perf_counter() - started,
                     "widths": log.widths_after,
                     "architecture_per_process": digests,
+                    "unpruned_groups": dict(pruner.refused),
                 }
                 self.state.pruning_log.append(entry)
                 self.print(
                     f"stage {stage.index}: pruned ({criterion}) {metric} "
                     f"{entry['ratio_before']:.3f} -> {entry['ratio_after']:.3f} of the teacher ({goal})"
+                    + (f"; {len(pruner.refused)} group(s) left unpruned (pruning_log.json)" if pruner.refused else "")
                 )
             prepared_student = self._recover(
                 stage,

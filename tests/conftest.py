@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -47,3 +48,12 @@ def tiny_run(**overrides: Any) -> dict[str, Any]:
             node = node.setdefault(part, {})
         node[parts[-1]] = value
     return cfg
+
+
+IMAGES = torch.randn(6, 3, 16, 16, generator=torch.Generator().manual_seed(7))  # the size tiny_run's images have
+
+
+def exported_outputs(run_dir: Path) -> torch.Tensor:
+    """The run's exported model on a fixed batch: resumed runs must export what an unbroken run exports."""
+    with torch.no_grad():
+        return torch.export.load(Path(run_dir) / "model_pruned.pt2").module()(IMAGES)

@@ -22,7 +22,7 @@ from torch.nn import functional as F
 from aip import checkpoint as ckpt
 from aip.prune.importance import create_importance
 from aip.train import main
-from tests.conftest import tiny_run
+from tests.conftest import exported_outputs, tiny_run
 from tests.test_prune import Residual
 
 REPO = Path(__file__).resolve().parent.parent
@@ -66,6 +66,30 @@ def test_two_processes_prune_identically_and_match_one_process(teacher: Path, tm
     log = json.loads((tmp_path / "two" / "pruning_log.json").read_text())
     assert len(log) == 2 and all(len(set(e["architecture_per_process"])) == 1 for e in log)
     assert all(len(e["architecture_per_process"]) == 2 for e in log)
+
+
+def test_two_processes_share_the_acp_search_and_find_what_one_process_finds(teacher: Path, tmp_path: Path) -> None:
+    """Each process scores its share of every swarm iteration (none waits hours in a collective while rank 0
+    searches alone); the gathered scores drive the same swarm as one process's."""
+    overrides = {
+        "mode": "acp",
+        "model.teacher_checkpoint": str(teacher),
+        "prune.finetune_epochs": 0,
+        "acp": {"holdout_size": 64, "recovery_steps": 3, "calibration_images": 64, "swarm": {"particles": 3}},
+        "acp.swarm.iterations": 2,
+    }
+    config = _config(tmp_path / "c.yaml", **overrides)
+    one = [sys.executable, TRAIN, "--config", str(config), "--out", str(tmp_path / "one")]
+    done = subprocess.run(one, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    done = _launch_2proc("--config", str(config), "--out", str(tmp_path / "two"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    swarms = [json.loads((tmp_path / d / "acp_swarm.json").read_text()) for d in ("one", "two")]
+    for key in ("global_best", "global_fitness", "best_fitness", "positions", "history"):
+        assert swarms[0][key] == swarms[1][key], key
+    logs = [json.loads((tmp_path / d / "pruning_log.json").read_text())[0] for d in ("one", "two")]
+    assert logs[0]["widths"] == logs[1]["widths"]
+    assert logs[0]["evaluations_per_process"] == [9] and logs[1]["evaluations_per_process"] == [6, 3]
 
 
 def _own_batches(rank: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -160,7 +184,7 @@ def test_two_processes_train_prune_resume_and_agree(teacher: Path, tmp_path: Pat
     run_dir = tmp_path / "run"
     done = _launch_2proc("--config", str(config), "--out", str(run_dir))
     assert done.returncode == 0, done.stderr[-3000:]
-    full = _report(run_dir)
+    full, outputs = _report(run_dir), exported_outputs(run_dir)
     assert 0.6 * 0.95 <= full["stages"][-1]["flops"] / full["teacher"]["flops"] <= 0.6
     log = json.loads((run_dir / "pruning_log.json").read_text())
     assert all(len(e["architecture_per_process"]) == 2 and len(set(e["architecture_per_process"])) == 1 for e in log)
@@ -169,6 +193,7 @@ def test_two_processes_train_prune_resume_and_agree(teacher: Path, tmp_path: Pat
     done = _launch_2proc("--resume", str(run_dir))
     assert done.returncode == 0, done.stderr[-3000:]
     assert _report(run_dir) == full
+    assert torch.equal(exported_outputs(run_dir), outputs)
 
 
 def test_sigkill_mid_stage_then_resume_finishes_with_the_same_table(teacher: Path, tmp_path: Path) -> None:
@@ -195,6 +220,7 @@ def test_sigkill_mid_stage_then_resume_finishes_with_the_same_table(teacher: Pat
 
     assert main(["--config", str(config), "--resume", "auto", "--out", str(run_dir)]) == 0
     assert _report(run_dir) == _report(reference)
+    assert torch.equal(exported_outputs(run_dir), exported_outputs(reference))
     assert not [p for p in ckpt.list_checkpoints(run_dir) if "-step-" in p.name and p.name < "stage-03"]
 
 
@@ -202,7 +228,7 @@ def test_truncated_newest_checkpoint_falls_back_to_the_previous_one(teacher: Pat
     config = _config(tmp_path / "c.yaml", **{"model.teacher_checkpoint": str(teacher)})
     run_dir = tmp_path / "run"
     assert main(["--config", str(config), "--out", str(run_dir)]) == 0
-    full = _report(run_dir)
+    full, outputs = _report(run_dir), exported_outputs(run_dir)
     newest = ckpt.list_checkpoints(run_dir)[-1]
     weights = newest / ckpt.STATE_DIR / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:100])
@@ -210,4 +236,5 @@ def test_truncated_newest_checkpoint_falls_back_to_the_previous_one(teacher: Pat
     with pytest.warns(UserWarning, match=f"skipping damaged checkpoint .*{newest.name}"):
         assert main(["--config", str(config), "--resume", "auto", "--out", str(run_dir)]) == 0
     assert _report(run_dir) == full
+    assert torch.equal(exported_outputs(run_dir), outputs)
     assert ckpt.verify(newest) is None  # rewritten whole, not patched in place

@@ -17,12 +17,16 @@ from aip import checkpoint as ckpt
 from aip.engine import Engine
 from aip.seeding import SeededBatches
 from aip.train import main
-from tests.conftest import tiny_run
+from tests.conftest import exported_outputs, tiny_run
 
-IMAGES = torch.randn(6, 3, 16, 16, generator=torch.Generator().manual_seed(7))
 ACP = {
     "mode": "acp",
-    "acp": {"holdout_size": 64, "recovery_steps": 3, "calibration_images": 64, "swarm": {"particles": 3, "iterations": 1}},
+    "acp": {
+        "holdout_size": 64,
+        "recovery_steps": 3,
+        "calibration_images": 64,
+        "swarm": {"particles": 3, "iterations": 1},
+    },
     "prune.finetune_epochs": 2,
 }
 
@@ -38,12 +42,6 @@ def _config(path: Path, **overrides) -> Path:
 
 def _report(run_dir: Path) -> dict:
     return json.loads((run_dir / "report.json").read_text())
-
-
-def exported_outputs(run_dir: Path) -> torch.Tensor:
-    """The exported model's outputs on a fixed batch: what a user of the run gets."""
-    with torch.no_grad():
-        return torch.export.load(run_dir / "model_pruned.pt2").module()(IMAGES)
 
 
 def assert_same_run(run_dir: Path, reference: Path) -> None:

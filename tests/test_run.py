@@ -10,11 +10,14 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from aip import checkpoint as ckpt
+from aip.config import load_config
+from aip.data import build_data
 from aip.train import main
-from tests.conftest import tiny_run
+from tests.conftest import exported_outputs, tiny_run
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -75,6 +78,16 @@ def test_exported_model_runs_without_aip(finished_run: Path, tmp_path: Path) -> 
     assert done.stdout.strip() == "ok"
 
 
+def test_exported_model_scores_what_the_report_says(finished_run: Path) -> None:
+    """The export holds the student the last row evaluated: its top-1 on the validation set is that row's."""
+    val = build_data(load_config(finished_run / "config.yaml").data).val
+    images = torch.stack([val[i][0] for i in range(len(val))])
+    labels = torch.tensor([val[i][1] for i in range(len(val))])
+    with torch.no_grad():
+        correct = int((torch.export.load(finished_run / "model_pruned.pt2").module()(images).argmax(1) == labels).sum())
+    assert 100.0 * correct / len(labels) == _report(finished_run)["stages"][-1]["top1"]
+
+
 def test_resume_from_a_stage_checkpoint_gives_the_same_table(finished_run: Path, tmp_path: Path) -> None:
     interrupted = tmp_path / "interrupted"
     shutil.copytree(finished_run, interrupted)
@@ -84,6 +97,7 @@ def test_resume_from_a_stage_checkpoint_gives_the_same_table(finished_run: Path,
         (interrupted / name).unlink()
     assert main(["--resume", str(interrupted)]) == 0
     assert _report(interrupted) == _report(finished_run)
+    assert torch.equal(exported_outputs(interrupted), exported_outputs(finished_run))
 
 
 def test_resume_auto_finds_the_run_and_skips_a_damaged_checkpoint(finished_run: Path, tmp_path: Path) -> None:
@@ -96,6 +110,7 @@ def test_resume_auto_finds_the_run_and_skips_a_damaged_checkpoint(finished_run: 
     with pytest.warns(UserWarning, match="stage-03"):
         assert main(["--config", str(run_dir / "config.yaml"), "--resume", "auto", "--out", str(run_dir)]) == 0
     assert _report(run_dir) == _report(finished_run)
+    assert torch.equal(exported_outputs(run_dir), exported_outputs(finished_run))
 
 
 def test_branch_from_a_stage_with_a_new_target(finished_run: Path, tmp_path: Path) -> None:

@@ -343,8 +343,9 @@ class ChannelPruner:
         return float(c.flops if metric == "flops" else c.params)
 
     def _calibrate_gradients(self, importance: tp.importance.Importance, calibrate: Callable | None) -> None:
-        """Fill `.grad` from calibration batches when the criterion reads gradients."""
-        if needs_gradients(importance):
+        """Fill `.grad` from calibration batches when the criterion reads `.grad` (a recording criterion such as
+        `taylor` records its gradients itself, in `_record_features`)."""
+        if needs_gradients(importance) and not needs_features(importance):
             if calibrate is None:
                 raise PruningError("this criterion reads gradients: pass a calibrate function that fills .grad")
             self.model.zero_grad(set_to_none=True)
