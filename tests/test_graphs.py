@@ -157,3 +157,23 @@ def test_a_step_that_changes_the_function_is_rolled_back_and_the_group_left(make
     torch.testing.assert_close(model.a.weight, weight, rtol=0, atol=0)  # rolled back exactly, silenced weights too
     if not pruner.history():
         assert model(example).shape == (1, 3)
+
+
+def test_a_group_the_graph_cannot_map_is_refused_and_the_others_still_prune(monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch_pruning as tp
+
+    model = create_model("toy_concat", 10).eval()
+    broken = model.features[1].b[0]
+    original = tp.DependencyGraph.get_pruning_group
+
+    def get_pruning_group(self, module, fn, idxs):  # noqa: ANN001, ANN202
+        if module is broken:
+            raise IndexError("list index out of range")
+        return original(self, module, fn, idxs)
+
+    monkeypatch.setattr(tp.DependencyGraph, "get_pruning_group", get_pruning_group)
+    with pytest.warns(UserWarning, match="cannot map its channels"):
+        pruner = ChannelPruner(model, torch.randn(1, 3, 32, 32), [model.fc])
+    assert "features.1.b.0" in pruner.refused
+    pruner.prune_to(0.6 * pruner.cost("flops"), "flops", create_importance("l1"))
+    assert broken.out_channels == 8 and model.features[1].a[0].out_channels < 16

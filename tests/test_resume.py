@@ -25,7 +25,7 @@ ACP = {
         "holdout_size": 64,
         "recovery_steps": 3,
         "calibration_images": 64,
-        "swarm": {"particles": 3, "iterations": 1},
+        "swarm": {"particles": 2, "iterations": 1},
     },
     "prune.finetune_epochs": 2,
 }
@@ -91,7 +91,10 @@ def test_killed_acp_run_resumes_mid_stage_to_the_unbroken_result(
 ) -> None:
     config, reference = acp_reference
     run_dir = tmp_path / "killed"
-    _run_killed_after(monkeypatch, ["--config", str(config), "--out", str(run_dir)], mid_stage=3)
+    run_dir.mkdir()
+    for name in ("config.yaml", "acp_swarm.json"):  # killed after its search: the restart reads the swarm back
+        shutil.copy2(reference / name, run_dir / name)
+    _run_killed_after(monkeypatch, ["--resume", str(run_dir)], mid_stage=3)
     newest = ckpt.latest_valid(run_dir)
     assert newest is not None and newest.name == "stage-01-step-00000009"  # epoch 2, batch 1 of 8
     assert not (run_dir / "report.json").exists()
@@ -117,7 +120,8 @@ def test_restart_after_the_teacher_was_saved_matches_the_unbroken_run(tmp_path: 
     """Killed after teacher.pt, before the first stage checkpoint: the restart loads the teacher instead of training
     it, and must still build the same discriminator and calibrate on the same batches."""
     reference = tmp_path / "reference"
-    config = _config(tmp_path / "c.yaml", **{"prune.criterion": "taylor", "prune.finetune_epochs": 0})
+    overrides = {"train.teacher_epochs": 1, "prune.criterion": "taylor", "prune.intervals": 1, "prune.finetune_epochs": 0}
+    config = _config(tmp_path / "c.yaml", **overrides)
     assert main(["--config", str(config), "--out", str(reference)]) == 0
     run_dir = tmp_path / "restarted"
     shutil.copytree(reference, run_dir, ignore=shutil.ignore_patterns("checkpoints", "tb", "report*", "*.pt2"))

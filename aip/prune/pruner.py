@@ -19,8 +19,9 @@ from torch import nn
 
 from aip.hooks import inspecting
 from aip.prune.cost import model_cost
+from aip.prune.groups import PrunableGroup, enumerate_groups
 from aip.prune.importance import needs_features, needs_gradients
-from aip.prune.safety import Snapshot, mismatch, outputs, refusal_reason, silence, split_pieces
+from aip.prune.safety import Snapshot, mismatch, outputs, silence
 
 History = list[list]
 
@@ -39,30 +40,6 @@ class IntervalLog:
     steps: int
     widths_before: dict[str, int] = field(default_factory=dict)
     widths_after: dict[str, int] = field(default_factory=dict)
-
-
-@dataclass
-class PrunableGroup:
-    """One group of coupled channels, named by its root layer. `unit` channels go together: a grouped convolution
-    loses the same channel of every channel group, a tensor chunked into equal pieces the same one of every piece."""
-
-    name: str
-    root: nn.Module
-    group: tp.dependency.Group
-    unit: int
-
-    @property
-    def width(self) -> int:
-        return len(self.group[0].idxs)
-
-    def channels(self, units: list[int]) -> list[int]:
-        """The channel indices of the given units (unit j: channel j of every piece)."""
-        step = self.width // self.unit
-        return sorted(j + g * step for j in units for g in range(self.unit))
-
-    def unit_scores(self, scores: torch.Tensor) -> torch.Tensor:
-        """Per-channel scores averaged over the pieces of each unit (as Torch-Pruning's pruners do)."""
-        return scores.view(self.unit, -1).mean(dim=0)
 
 
 class ChannelPruner:
@@ -84,7 +61,6 @@ class ChannelPruner:
         self.model = model
         self.example = example_inputs
         self.max_layer_ratio = max_layer_ratio
-        self.ignored_layers = list(ignored_layers)
         self.ignored = [m for layer in ignored_layers for m in layer.modules()]
         self.refused: dict[str, str] = {}
         self._history: History = []
@@ -94,21 +70,13 @@ class ChannelPruner:
         self.order: dict[str, float] = {}
 
     def _build(self) -> None:
-        """Trace the model into Torch-Pruning's graph; its BasePruner finds the channel groups of grouped layers."""
+        """Trace the model into Torch-Pruning's dependency graph (again after a removal that changed split sizes)."""
         was_training = self.model.training
         frozen = [p for p in self.model.parameters() if not p.requires_grad]
         for p in frozen:  # the graph is traced through autograd: a frozen model would show no layers
             p.requires_grad_(True)
         try:
-            self._tp = tp.pruner.BasePruner(
-                self.model,
-                self.example,
-                importance=tp.importance.GroupMagnitudeImportance(),
-                ignored_layers=self.ignored_layers,
-                in_channel_groups={},
-                out_channel_groups={},
-                num_heads={},
-            )
+            self.graph = tp.DependencyGraph().build_dependency(self.model, example_inputs=self.example, verbose=False)
         except Exception as exc:  # a third-party tracer: whatever it raises means the graph is not understood
             raise PruningError(
                 f"Torch-Pruning cannot trace this model ({type(exc).__name__}: {_first_line(exc)})"
@@ -117,7 +85,6 @@ class ChannelPruner:
             self.model.train(was_training)  # tracing leaves the model in eval mode
             for p in frozen:
                 p.requires_grad_(False)
-        self.graph = self._tp.DG
         split_types = (tp.ops.OPTYPE.SPLIT, tp.ops.OPTYPE.UNBIND)
         self._has_splits = any(node.type in split_types for node in self.graph.module2node.values())
 
@@ -133,25 +100,11 @@ class ChannelPruner:
 
     def _groups(self, include_refused: bool = False) -> Iterator[PrunableGroup]:
         """Every group of coupled channels whose root is a convolution or linear layer (refused ones skipped)."""
-        for group in self.graph.get_all_groups(
-            ignored_layers=self.ignored, root_module_types=[tp.ops.TORCH_CONV, tp.ops.TORCH_LINEAR]
-        ):
-            root = group[0].dep.target.module
-            name = self.graph._module2name[root]
-            if name not in self.refused:
-                reason = refusal_reason(group)
-                pieces = split_pieces(group)
-                unit = self._tp._get_channel_groups(group)
-                if pieces is None:
-                    reason = reason or "a split of its channels into unequal or partial pieces"
-                else:
-                    unit = math.lcm(unit, pieces)
-                if reason is None and len(group[0].idxs) % unit:
-                    reason = f"{len(group[0].idxs)} channels do not divide into {unit} equal channel groups"
-                if reason is not None:
-                    self._refuse(name, reason)
+        for name, root, group, unit, reason in enumerate_groups(self.graph, self.ignored):
+            if reason is not None and name not in self.refused:
+                self._refuse(name, _first_line(reason))
             if name in self.refused:
-                if include_refused:
+                if include_refused and group is not None:
                     yield PrunableGroup(name, root, group, 1)
                 continue
             yield PrunableGroup(name, root, group, unit)

@@ -16,6 +16,7 @@ import torch
 import torch_pruning as tp
 from torch import nn
 from torch.utils._pytree import tree_flatten
+from torch_pruning.dependency import index_mapping as _index_mapping
 
 # grad_fn names (without the trailing version digit) that move values across channels.
 _CHANNEL_MIXING = {
@@ -35,6 +36,27 @@ _CHANNEL_MIXING = {
     "CopySlices": "an in-place write into a slice",
 }
 _PER_CHANNEL_NORMS = (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm)
+_UNFOLLOWABLE = "aip_unfollowable"
+
+
+def _tolerate_unknown_reshapes() -> None:
+    """Torch-Pruning divides by zero when it cannot infer the channels around a reshape (a channel shuffle's
+    view/transpose/view), which stops the whole trace. Mark such a reshape instead; its groups are refused."""
+    original = _index_mapping.update_reshape_index_mapping
+    if getattr(original, "tolerant", False):
+        return
+
+    def update(graph: tp.DependencyGraph, node: object) -> None:
+        try:
+            original(graph, node)
+        except ZeroDivisionError:
+            setattr(node, _UNFOLLOWABLE, "a reshape whose channel mapping the graph cannot infer (a channel shuffle?)")
+
+    update.tolerant = True
+    _index_mapping.update_reshape_index_mapping = update
+
+
+_tolerate_unknown_reshapes()
 
 
 def _op_name(node: object) -> str:
@@ -53,15 +75,19 @@ def _pads_channels(grad_fn: object) -> bool:
 
 def refusal_reason(group: tp.dependency.Group) -> str | None:
     """Why this group must not be pruned (an operation the dependency graph cannot follow), or None."""
+    names = getattr(getattr(group, "_DG", None), "_module2name", {})
     for item in group:
         node, module = item.dep.target, item.dep.target.module
         name = _op_name(node)
+        where = names.get(module, type(module).__name__) if isinstance(module, nn.Module) else ""
+        if getattr(node, _UNFOLLOWABLE, None):
+            return getattr(node, _UNFOLLOWABLE)
         if isinstance(module, nn.LayerNorm):
-            return f"LayerNorm {node.name} normalises over these channels (removing one changes the others)"
+            return f"LayerNorm {where} normalises over these channels (removing one changes the others)"
         if isinstance(module, nn.GroupNorm) and module.num_groups != module.num_channels:
-            return f"GroupNorm {node.name} normalises groups of channels together"
+            return f"GroupNorm {where} normalises groups of channels together"
         if isinstance(module, (nn.MultiheadAttention, nn.RNNBase)):
-            return f"{type(module).__name__} {node.name} mixes channels in ways the check cannot silence"
+            return f"{type(module).__name__} {where} mixes channels in ways the check cannot silence"
         if name == "BackwardCFunction":
             return "a custom autograd function (the graph cannot see how it maps channels)"
         if name == "ConstantPadNdBackward" and _pads_channels(node.grad_fn):
