@@ -1,11 +1,13 @@
 """Run configuration: dataclasses, YAML loading, dotted overrides and validation with one-line errors.
 
-Every key a YAML file or `--set key=value` may name is a field below; anything else is refused before any work
-starts, with the key and what is allowed.
+Every key a YAML file or `--set key=value` may name is a field below, with its one-line meaning (`option`); anything
+else is refused before any work starts, with the key and what is allowed. This module imports no registry: the
+names they hold are checked by `aip.checks`, which sits above both.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import types
@@ -16,216 +18,281 @@ from typing import Any
 
 import yaml
 
+from aip.errors import ConfigError as ConfigError  # re-exported: it lived here before aip/errors.py
 
-class ConfigError(ValueError):
-    """A bad config value; the message is one line naming the key and what is allowed."""
+
+def option(default: Any, help: str) -> Any:
+    """A config field with its one-line meaning in `metadata["help"]` (what `--print-config` prints beside it).
+
+    A section class becomes its default factory; a list, dict or section instance is copied for every instance.
+    """
+    if isinstance(default, type) and dataclasses.is_dataclass(default):
+        return field(default_factory=default, metadata={"help": help})
+    if isinstance(default, (list, dict)) or dataclasses.is_dataclass(default):
+        return field(default_factory=lambda: copy.deepcopy(default), metadata={"help": help})
+    return field(default=default, metadata={"help": help})
 
 
 @dataclass
 class ModelConfig:
-    # A registered name, `torchvision:<name>`, `timm:<name>`, or `package.module:callable` (your own class).
-    name: str = "cifar_resnet20"
-    # Keyword arguments of `package.module:callable`; num_classes (and in_channels) are added when it takes them.
-    kwargs: dict[str, Any] = field(default_factory=dict)
-    # Local checkpoint of a trained teacher (a state dict, or a run's teacher.pt); none: `mode: aip` trains one.
-    teacher_checkpoint: str | None = None
-    # Unpickle a teacher checkpoint that holds Python objects besides tensors (only for a file you trust).
-    trust_checkpoint: bool = False
-    # Substring renames of the teacher checkpoint's keys, applied in order, e.g. {".downsample.": ".shortcut."}.
-    checkpoint_rename: dict[str, str] = field(default_factory=dict)
-    # Module names whose outputs feed attention transfer; none: the family's stage ends, found automatically.
-    taps: list[str] | None = None
+    """The network: teacher and student are the same architecture."""
+
+    name: str = option(
+        "cifar_resnet20",
+        "a registered name (cifar_resnet8/20/32/56/110, vgg16_bn), torchvision:<name>, timm:<name>, or your own "
+        "package.module:callable",
+    )
+    kwargs: dict[str, Any] = option(
+        {}, "keyword arguments of package.module:callable; num_classes (and in_channels) are added when it takes them"
+    )
+    teacher_checkpoint: str | None = option(
+        None, "local file of a trained teacher (a state dict, .safetensors, or a run's teacher.pt); null: train one"
+    )
+    trust_checkpoint: bool = option(
+        False, "unpickle a teacher checkpoint that holds Python objects besides tensors (only a file you trust)"
+    )
+    checkpoint_rename: dict[str, str] = option(
+        {}, "substring renames of the teacher checkpoint's keys, in order, e.g. {'.downsample.': '.shortcut.'}"
+    )
+    taps: list[str] | None = option(
+        None, "module names whose outputs feed attention transfer; null: the ends of the network's stages, found"
+    )
 
 
 @dataclass
 class DataConfig:
-    name: str = "synthetic"
-    root: str | None = None
-    download: bool = False
-    batch_size: int = 64
-    eval_batch_size: int = 256
-    num_workers: int = 0
-    augment: bool = True
-    # Use only a fixed random choice of N training samples (the same every run, for quick runs); none: all of them.
-    train_subset: int | None = None
-    # Per-channel normalisation; none: the data set's own (the synthetic set has none: mean 0, std 1).
-    mean: list[float] | None = None
-    std: list[float] | None = None
-    # Synthetic data set only.
-    num_classes: int = 10
-    image_size: int = 32
-    train_size: int = 2048
-    val_size: int = 512
+    """The data set, its loading and its normalisation."""
+
+    name: str = option("synthetic", "data set: synthetic, cifar10, cifar100, fashion_mnist or imagefolder")
+    root: str | None = option(None, "local directory that holds the data set's files (synthetic: unused)")
+    download: bool = option(False, "fetch a torchvision data set into data.root when it is missing")
+    batch_size: int = option(64, "training batch size of each process")
+    eval_batch_size: int = option(256, "evaluation batch size of each process (does not change any result)")
+    num_workers: int = option(0, "DataLoader worker processes (0: load in the main process)")
+    augment: bool = option(True, "augment training images (pad-crop and flip; imagefolder: random resized crop)")
+    train_subset: int | None = option(
+        None, "train on a fixed random choice of N samples (the same in every run); null: all of them"
+    )
+    mean: list[float] | None = option(
+        None, "per-channel normalisation mean replacing the data set's own; null: its own (synthetic: none)"
+    )
+    std: list[float] | None = option(
+        None, "per-channel normalisation std replacing the data set's own; null: its own (synthetic: none)"
+    )
+    num_classes: int = option(10, "synthetic only: number of classes")
+    image_size: int = option(32, "synthetic only: image height and width in pixels")
+    train_size: int = option(2048, "synthetic only: training images")
+    val_size: int = option(512, "synthetic only: validation images")
 
 
 @dataclass
 class TrainConfig:
-    epochs: int = 10
-    teacher_epochs: int = 10
-    lr: float = 0.05
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    scheduler: str = "cosine"
-    grad_accum_steps: int = 1
-    # Evaluate every N epochs of plain training (the last epoch always); on a CPU a full test set can cost as much
-    # as a training epoch.
-    eval_every: int = 1
-    # `no`, `fp16` or `bf16`; null: whatever the launcher says (`accelerate launch --mixed_precision`), else `no`.
-    mixed_precision: str | None = None
-    log_every: int = 20
+    """Optimisation shared by every training phase (SGD with momentum, one schedule per stage)."""
+
+    epochs: int = option(10, "epochs of mode train")
+    teacher_epochs: int = option(10, "epochs of training a teacher when model.teacher_checkpoint is null")
+    lr: float = option(0.05, "SGD learning rate")
+    momentum: float = option(0.9, "SGD momentum")
+    weight_decay: float = option(5e-4, "SGD weight decay")
+    scheduler: str = option(
+        "cosine", "learning-rate schedule over each training phase: cosine, step (x0.1 at 1/2 and 3/4) or constant"
+    )
+    grad_accum_steps: int = option(1, "batches whose gradients are accumulated into one optimizer step")
+    eval_every: int = option(
+        1, "evaluate every N epochs of plain training (the last epoch always); a full test set can cost an epoch"
+    )
+    mixed_precision: str | None = option(
+        None, "no, fp16 or bf16; null: what the launcher says (accelerate launch --mixed_precision), else no"
+    )
+    log_every: int = option(20, "write the loss terms to TensorBoard every N steps")
 
 
 @dataclass
 class HybridConfig:
     """`prune.criterion: hybrid`: a saliency criterion first, a similarity criterion once the switch is reached."""
 
-    saliency: str = "l1"
-    similarity: str = "similarity"
-    # Switch at this interval (1-based), or once this fraction of the total reduction is reached; set one of them.
-    switch_interval: int | None = None
-    switch_fraction: float | None = 0.5
+    saliency: str = option("l1", "criterion of the early intervals (not hybrid, similarity or fpgm)")
+    similarity: str = option("similarity", "criterion from the switch on: similarity or fpgm")
+    switch_interval: int | None = option(
+        None, "switch at this interval (1-based); set this or switch_fraction, the other to null"
+    )
+    switch_fraction: float | None = option(
+        0.5, "switch once this fraction of the total reduction is reached; set this or switch_interval"
+    )
 
 
 @dataclass
 class SimilarityConfig:
-    # What `similarity` compares: the channels' filters, or their feature maps on calibration batches.
-    source: str = "weights"
+    """`prune.criterion: similarity`: what near-identical channels are found by."""
+
+    source: str = option(
+        "weights", "what similarity compares: the channels' filters (weights) or their feature maps (features)"
+    )
 
 
 @dataclass
 class ActivationConfig:
     """`prune.criterion: activation`: how much each interval removes."""
 
-    # `fraction`: the schedule's share of the target, lowest relative activation first, like any criterion;
-    # `threshold`: every channel under `threshold` of its layer's 0.9-quantile (the authors' rule), never past the target.
-    mode: str = "fraction"
-    threshold: float = 0.1
+    mode: str = option(
+        "fraction",
+        "fraction: the schedule's share of the target, lowest relative activation first; threshold: every channel "
+        "under activation.threshold, never past the target",
+    )
+    threshold: float = option(0.1, "mode threshold: remove channels under this fraction of the layer's 0.9-quantile")
 
 
 @dataclass
 class CapacityConfig:
     """Effective filter analysis: per-layer caps from the effective rank of the layer's output-gradient matrix."""
 
-    enabled: bool = False
-    # Effective rank: the fewest singular values holding this fraction of the energy sum(s^2).
-    tau: float = 0.99
-    # Max prunable ratio = (1 - effective_rank / width) * safety.
-    safety: float = 0.9
-    batches: int = 8
-    # `cap`: limits only; `hierarchical`: also prune the most redundant layer groups first, group by group.
-    mode: str = "cap"
+    enabled: bool = option(False, "cap each layer group's pruning by its effective rank, found before the first prune")
+    tau: float = option(0.99, "effective rank: the fewest singular values holding this fraction of sum(s^2)")
+    safety: float = option(0.9, "max prunable ratio = (1 - effective_rank / width) * safety")
+    batches: int = option(8, "calibration batches whose per-sample gradients form the matrix")
+    mode: str = option("cap", "cap: limits only; hierarchical: also prune the most redundant groups first, in turn")
 
 
 @dataclass
 class PruneConfig:
-    criterion: str = "l1"
-    target_flops_ratio: float | None = 0.5
-    target_params_ratio: float | None = None
-    intervals: int = 3
-    epochs_between: int = 1
-    finetune_epochs: int = 1
-    schedule: str = "geometric"
-    # No layer group may lose more than this fraction of its original channels.
-    max_layer_ratio: float = 0.8
-    # Batches of training data used by data-dependent criteria (taylor, activation, similarity on features).
-    calibration_batches: int = 4
-    hybrid: HybridConfig = field(default_factory=HybridConfig)
-    similarity: SimilarityConfig = field(default_factory=SimilarityConfig)
-    activation: ActivationConfig = field(default_factory=ActivationConfig)
-    capacity: CapacityConfig = field(default_factory=CapacityConfig)
+    """Channel pruning: criterion, target, schedule and limits."""
+
+    criterion: str = option("l1", "channel ranking: l1, l2, bn_scale, taylor, activation, fpgm, similarity or hybrid")
+    target_flops_ratio: float | None = option(
+        0.5, "fraction of the teacher's FLOPs to keep; set this or target_params_ratio, the other to null"
+    )
+    target_params_ratio: float | None = option(
+        None, "fraction of the teacher's parameters to keep; set this or target_flops_ratio"
+    )
+    intervals: int = option(3, "pruning intervals (stages) to reach the target in")
+    epochs_between: int = option(1, "recovery epochs after each pruning interval")
+    finetune_epochs: int = option(1, "fine-tuning epochs after the last interval (mode acp: the recovery)")
+    schedule: str = option(
+        "geometric", "steps towards the target: geometric (same fraction of what is left) or linear (same share)"
+    )
+    max_layer_ratio: float = option(0.8, "no layer group may lose more than this fraction of its original channels")
+    calibration_batches: int = option(
+        4, "training batches used by data-dependent criteria (taylor, activation, similarity on features)"
+    )
+    hybrid: HybridConfig = option(HybridConfig, "criterion hybrid")
+    similarity: SimilarityConfig = option(SimilarityConfig, "criterion similarity")
+    activation: ActivationConfig = option(ActivationConfig, "criterion activation")
+    capacity: CapacityConfig = option(CapacityConfig, "effective filter analysis: per-layer pruning limits")
 
 
 @dataclass
 class SwarmConfig:
     """Particle swarm over width vectors (ACP); defaults from the authors' code as read in METHOD.md."""
 
-    particles: int = 10
-    iterations: int = 8
+    particles: int = option(10, "particles (candidate width vectors) of the swarm")
+    iterations: int = option(8, "swarm iterations")
     # Our choice: Clerc's constriction form (inertia 1 inside it). METHOD.md's inertia falling from 0.6 inside the
     # constriction collapses the swarm early: a 4-d integer quadratic (10 particles, 30 iterations, init_spread 1)
     # was solved exactly in 6 of 20 seeds with 0.6 -> 0.2, 10 of 20 with 0.6, 20 of 20 with 1.0.
-    inertia_start: float = 1.0
-    inertia_end: float = 1.0
-    c1: float = 2.0
-    c2: float = 2.0
-    constriction: float = 0.729
-    velocity_clip: float = 2.0  # channels per step
-    init_spread: float = 0.2  # offsets of particles 1.. as a fraction of each group's range
-    penalty: float = 10.0  # fitness lost per unit of relative excess over the budget
+    inertia_start: float = option(1.0, "inertia inside the constriction at the first iteration")
+    inertia_end: float = option(1.0, "inertia at the last iteration (linear in between)")
+    c1: float = option(2.0, "pull towards each particle's own best")
+    c2: float = option(2.0, "pull towards the swarm's best")
+    constriction: float = option(0.729, "Clerc's constriction factor chi")
+    velocity_clip: float = option(2.0, "largest velocity component, in channels per step")
+    init_spread: float = option(0.2, "offsets of particles 1.. from the clustering start, a fraction of each range")
+    penalty: float = option(10.0, "fitness lost per unit of relative excess over the budget")
 
 
 @dataclass
 class AcpConfig:
     """`mode: acp`: cluster channels, search per-group widths with a particle swarm, then recover."""
 
-    # DBSCAN on correlation distance of channel responses; a larger eps merges more channels (stronger start).
-    eps: float = 0.1
-    min_samples: int = 5
-    calibration_images: int = 200
-    swarm: SwarmConfig = field(default_factory=SwarmConfig)
-    # Fitness: top-1 on a held-out part of the training set after this many training steps of the candidate.
-    recovery_steps: int = 200
-    holdout_size: int = 1000
-    distill: bool = True
-    # The final recovery of the best structure: the AIP losses, or plain cross-entropy fine-tuning.
-    final: str = "aip"
-    # Process-group timeout of an ACP run: every process waits at each swarm iteration for the slowest one's share.
-    timeout_minutes: float = 120.0
+    eps: float = option(0.1, "DBSCAN eps on correlation distance of channel responses; larger merges more channels")
+    min_samples: int = option(5, "DBSCAN min_samples: channels that make a cluster")
+    calibration_images: int = option(200, "images whose channel responses are clustered")
+    swarm: SwarmConfig = option(SwarmConfig, "the particle swarm over per-group widths")
+    recovery_steps: int = option(200, "training steps of each candidate before its fitness is measured")
+    holdout_size: int = option(1000, "training images held out to measure fitness (top-1) on")
+    distill: bool = option(True, "distil the candidates' recovery steps from the teacher")
+    final: str = option("aip", "recovery of the best structure: aip (the AIP losses) or finetune (cross-entropy)")
+    timeout_minutes: float = option(
+        120.0, "process-group timeout: each process waits at every swarm iteration for the slowest one's share"
+    )
 
 
 @dataclass
 class WeightedLoss:
-    weight: float = 1.0
+    """One loss term and its weight in the student's loss."""
+
+    weight: float = option(1.0, "weight of this term in the student's loss (0: off)")
 
 
 @dataclass
 class KDLoss:
-    weight: float = 0.3
-    temperature: float = 4.0
-    kind: str = "kl"
+    """Distillation on the teacher's outputs."""
+
+    weight: float = option(0.3, "weight a of T^2 * KL(teacher || student) in the student's loss (0: off)")
+    temperature: float = option(4.0, "softmax temperature T of the distillation")
+    kind: str = option("kl", "kl (on softened outputs) or mse (on logits)")
 
 
 @dataclass
 class LossConfig:
-    ce: WeightedLoss = field(default_factory=lambda: WeightedLoss(0.7))
-    kd: KDLoss = field(default_factory=KDLoss)
+    """The student's loss: weighted sum of cross-entropy, distillation, attention transfer and adversarial terms."""
+
+    ce: WeightedLoss = option(WeightedLoss(0.7), "cross-entropy on the labels (1 - a with a = loss.kd.weight)")
+    kd: KDLoss = option(KDLoss, "distillation on the teacher's outputs")
     # Attention transfer as in Zagoruyko & Komodakis, whose beta of 1000 fits this loss's per-position mean: with
     # weight 1 the term measured ~7e-4 on the debug run against ~0.1 for CE, i.e. it did nothing.
-    at: WeightedLoss = field(default_factory=lambda: WeightedLoss(1000.0))
-    adv: WeightedLoss = field(default_factory=lambda: WeightedLoss(1.0))
+    at: WeightedLoss = option(WeightedLoss(1000.0), "attention transfer at the ends of the stages (the paper's beta)")
+    adv: WeightedLoss = option(WeightedLoss(1.0), "adversarial term: the student learns to fool the discriminator")
 
 
 @dataclass
 class DiscriminatorConfig:
-    hidden: list[int] = field(default_factory=lambda: [128, 256, 128])
-    lr: float = 1e-4
-    beta1: float = 0.5
-    beta2: float = 0.999
-    # What D sees of the network output: raw logits or their softmax.
-    input: str = "logits"
+    """The fully-connected discriminator that tells teacher outputs from student outputs."""
+
+    hidden: list[int] = option([128, 256, 128], "widths of its hidden layers")
+    lr: float = option(1e-4, "Adam learning rate")
+    beta1: float = option(0.5, "Adam beta1")
+    beta2: float = option(0.999, "Adam beta2")
+    input: str = option("logits", "what it sees of the network output: logits or softmax")
 
 
 @dataclass
 class CheckpointConfig:
-    keep: int = 0  # end-of-stage checkpoints to keep (0: all)
-    # Also checkpoint every N optimizer steps inside a stage (only the newest such one is kept); none: stage ends only.
-    every_n_steps: int | None = None
+    """Stage checkpoints: resume and --from-stage read them."""
+
+    keep: int = option(0, "end-of-stage checkpoints to keep, newest first (0: all)")
+    every_n_steps: int | None = option(
+        None, "also checkpoint every N optimizer steps inside a stage (only the newest kept); null: stage ends only"
+    )
+
+
+@dataclass
+class ExportConfig:
+    """The files the final pruned model is written as, beside the report."""
+
+    formats: list[str] = option(
+        ["pt2", "onnx"], "pt2 (torch.export: model_pruned.pt2) and/or onnx (model_pruned.onnx); []: none"
+    )
 
 
 @dataclass
 class Config:
-    mode: str = "aip"
-    seed: int = 0
-    name: str = "run"
-    out: str | None = None
-    model: ModelConfig = field(default_factory=ModelConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    prune: PruneConfig = field(default_factory=PruneConfig)
-    loss: LossConfig = field(default_factory=LossConfig)
-    disc: DiscriminatorConfig = field(default_factory=DiscriminatorConfig)
-    acp: AcpConfig = field(default_factory=AcpConfig)
-    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    """A run: what it does, with which model, data, losses and pruning."""
+
+    mode: str = option(
+        "aip", "aip (prune + distill), acp (width search, then recovery), train (supervised) or eval (measure)"
+    )
+    seed: int = option(0, "seeds everything; each stage and epoch re-seeds from it, which makes resume exact")
+    name: str = option("run", "run name: runs/<name>-<time>; a --config file's stem unless set")
+    out: str | None = option(None, "run directory; null: runs/<name>-<time> (the --out flag wins)")
+    model: ModelConfig = option(ModelConfig, "the network")
+    data: DataConfig = option(DataConfig, "the data set")
+    train: TrainConfig = option(TrainConfig, "optimisation")
+    prune: PruneConfig = option(PruneConfig, "channel pruning")
+    loss: LossConfig = option(LossConfig, "the student's loss terms")
+    disc: DiscriminatorConfig = option(DiscriminatorConfig, "the discriminator of the adversarial term")
+    acp: AcpConfig = option(AcpConfig, "mode acp: the width search")
+    checkpoint: CheckpointConfig = option(CheckpointConfig, "stage checkpoints")
+    export: ExportConfig = option(ExportConfig, "the exported pruned model")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -242,6 +309,7 @@ DISC_INPUTS = ("logits", "softmax")
 SIMILARITY_SOURCES = ("weights", "features")
 CAPACITY_MODES = ("cap", "hierarchical")
 ACTIVATION_MODES = ("fraction", "threshold")
+EXPORT_FORMATS = ("pt2", "onnx")
 
 
 def _describe(tp: Any) -> str:
@@ -345,7 +413,9 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
 
 
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
-    """Read a YAML file (or start from defaults), apply dotted overrides, then validate everything."""
+    """Read a YAML file (or start from defaults), apply dotted overrides, then validate the values.
+
+    Registry names are not checked here: a caller that runs the config calls `aip.checks.check_names` too."""
     data: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
@@ -365,7 +435,7 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
 
 
 def config_from_dict(data: dict[str, Any]) -> Config:
-    """Build and validate a Config from a plain (possibly partial) nested dict."""
+    """Build and validate a Config from a plain (possibly partial) nested dict (registry names: `aip.checks`)."""
     cfg = _build(Config, data)
     for section, key in (("data", "root"), ("model", "teacher_checkpoint")):
         value = getattr(getattr(cfg, section), key)
@@ -398,12 +468,11 @@ def _check_finite(node: Any, prefix: str = "") -> None:
 
 
 def validate(cfg: Config) -> None:
-    """Refuse impossible values and unknown registry names before any work is done."""
-    from aip.data import DATASETS
-    from aip.models import check_model_name
-    from aip.prune.importance import IMPORTANCES
-    from aip.registry import UnknownNameError
+    """Refuse impossible values before any work is done.
 
+    Names that registries hold (model, data set, criteria) and data-set specific keys are checked by
+    `aip.checks.check_names`, above the registries: this module imports none of them, so they can import it.
+    """
     _check_finite(cfg)
     if not 0 <= cfg.seed <= SEED_MAX:
         raise ConfigError(f"seed: must lie in 0..{SEED_MAX} (what NumPy's seeding takes), got {cfg.seed}")
@@ -414,12 +483,10 @@ def validate(cfg: Config) -> None:
     _choice("prune.schedule", cfg.prune.schedule, PRUNE_SCHEDULES)
     _choice("loss.kd.kind", cfg.loss.kd.kind, KD_KINDS)
     _choice("disc.input", cfg.disc.input, DISC_INPUTS)
-    try:
-        check_model_name(cfg.model.name)
-    except UnknownNameError as exc:
-        raise ConfigError(f"model.name: {exc}") from None
-    _choice("data.name", cfg.data.name, DATASETS.names())
-    _choice("prune.criterion", cfg.prune.criterion, IMPORTANCES.names())
+    for i, fmt in enumerate(cfg.export.formats):
+        _choice(f"export.formats[{i}]", fmt, EXPORT_FORMATS)
+    if len(set(cfg.export.formats)) < len(cfg.export.formats):
+        raise ConfigError(f"export.formats: each format once, got {cfg.export.formats}")
 
     for key, ratio in (
         ("prune.target_flops_ratio", cfg.prune.target_flops_ratio),
@@ -438,8 +505,6 @@ def validate(cfg: Config) -> None:
     _positive("prune.epochs_between", cfg.prune.epochs_between, zero_ok=True)
     _positive("prune.finetune_epochs", cfg.prune.finetune_epochs, zero_ok=True)
     _positive("prune.calibration_batches", cfg.prune.calibration_batches)
-    saliency = [n for n in IMPORTANCES.names() if n not in ("hybrid", "similarity", "fpgm")]
-    _choice("prune.hybrid.saliency", cfg.prune.hybrid.saliency, saliency)
     _choice("prune.hybrid.similarity", cfg.prune.hybrid.similarity, ("similarity", "fpgm"))
     hybrid = cfg.prune.hybrid
     if (hybrid.switch_interval is None) == (hybrid.switch_fraction is None):
@@ -503,17 +568,10 @@ def validate(cfg: Config) -> None:
             "or null to train a teacher first"
         )
     _validate_user_model(cfg)
-    DATASETS.get(cfg.data.name).validate(cfg.data)
 
 
 def _validate_user_model(cfg: Config) -> None:
     """The keys of your own model, checkpoint and normalisation that need no data to check."""
-    from aip.models.user import is_import_path
-
-    if cfg.model.kwargs and not is_import_path(cfg.model.name):
-        raise ConfigError(
-            f"model.kwargs: only used with model.name: package.module:callable, not {cfg.model.name!r}; set it to {{}}"
-        )
     if any(old == "" for old in cfg.model.checkpoint_rename):
         raise ConfigError("model.checkpoint_rename: an empty key renames nothing; give the substring to replace")
     if cfg.mode == "eval" and cfg.model.teacher_checkpoint is None:

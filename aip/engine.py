@@ -32,13 +32,15 @@ from tqdm.auto import tqdm
 
 from aip import checkpoint as ckpt
 from aip.accel import CPU_ONLY, mixed_precision, process_group_kwargs, step_before_update
+from aip.checks import check_names
 from aip.config import Config, ConfigError, KDLoss, LossConfig, WeightedLoss, save_config
 from aip.data import DataBundle, build_data
 from aip.distill.attention import attention_loss
 from aip.distill.discriminator import Discriminator
 from aip.distill.features import FeatureTaps
 from aip.distill.losses import adversarial_loss, discriminator_loss, kd_loss
-from aip.export import EXPORT_FILE, export_loads, export_model
+from aip.export import EXPORT_FILE, write_exports
+from aip.export import FILES as EXPORT_FILES
 from aip.guards import NonFiniteError, check_losses, check_modules, check_state
 from aip.models import classifier_of, create_model, default_taps
 from aip.models.weights import load_into, load_state_dict_file
@@ -164,6 +166,7 @@ class Engine:
     """Runs one configured job (`mode: train` or `mode: aip`) in one run directory."""
 
     def __init__(self, cfg: Config, run_dir: Path) -> None:
+        check_names(cfg)  # load_config checks values only; the registry names before any work, for every caller
         self.cfg = cfg
         self.run_dir = Path(run_dir)
         group = process_group_kwargs(cfg)
@@ -573,21 +576,22 @@ class Engine:
     def _finish(self, student: nn.Module, finished: Path | None = None) -> dict[str, Any]:
         """Export the pruned student (fp32, no autocast wrapper), then write the stage table and the pruning log.
 
-        `finished`: the last stage checkpoint of a run that had ended before this resume; its export is then only
-        repaired, from that checkpoint's weights without training, when it is missing or does not load."""
+        `finished`: the last stage checkpoint of a run that had ended before this resume; its exports are then only
+        repaired, from that checkpoint's weights without training, where missing or not loading."""
         acc = self.accelerator
         student = acc.unwrap_model(student, keep_fp32_wrapper=False)
         acc.free_memory()
         if finished is None:
             check_modules(EXPORT_FILE, [student], acc)
         if self.main:
-            path = self.run_dir / EXPORT_FILE
-            if finished is None:
-                export_model(student, self.example, path)
-            elif not export_loads(path):
+            if finished is not None:
                 student.load_state_dict(load_file(str(finished / ckpt.STATE_DIR / "model.safetensors")))
-                export_model(student, self.example, path)
-                self.print(f"{path} was missing or damaged: exported again from {finished}")
+            # Every configured format; one that fails is a warning, never a crash at the end of a long run.
+            formats, repair = self.cfg.export.formats, finished is not None
+            written = write_exports(student, self.example, self.run_dir, formats, only_stale=repair)
+            if repair and written:
+                names = ", ".join(EXPORT_FILES[f] for f in written)
+                self.print(f"{names} missing or damaged in {self.run_dir}: exported again from {finished}")
             table = write_report(self.run_dir, self.state.teacher, self.state.rows)
             (self.run_dir / "pruning_log.json").write_text(json.dumps(self.state.pruning_log, indent=1))
             self.print(f"\n{table}\n\nrun directory: {self.run_dir}")

@@ -50,7 +50,32 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="start afresh in a run directory that already holds a run: its old contents are removed first",
     )
+    parser.add_argument(
+        "--print-config",
+        action="store_true",
+        help="print the resolved config (--config, --set; else the defaults) as YAML with every key's meaning, "
+        "and exit without running anything",
+    )
     return parser.parse_args(argv)
+
+
+def print_config(args: argparse.Namespace) -> int:
+    """`--print-config`: the resolved config, each key with its meaning, on stdout; no run directory is touched."""
+    from aip.checks import check_names
+    from aip.config import ConfigError, load_config
+    from aip.config_doc import render_config
+    from aip.registry import UnknownNameError
+
+    try:
+        if args.resume or args.from_stage:
+            raise ConfigError("--print-config prints --config with --set; it takes no --resume or --from-stage")
+        cfg = load_config(args.config, args.overrides)
+        check_names(cfg, dataset=False)  # the names; the data set's files need not be here to read its config
+    except (ConfigError, UnknownNameError) as exc:
+        print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)
+        return 2
+    sys.stdout.write(render_config(cfg))
+    return 0
 
 
 def _resolve(args: argparse.Namespace):
@@ -121,11 +146,14 @@ def _claim(state, run_dir: Path, cfg, existing: bool, overwrite: bool):
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.print_config:
+        return print_config(args)
     from accelerate import PartialState
     from accelerate.utils import broadcast_object_list
 
     from aip import rundir
     from aip.checkpoint import CheckpointError
+    from aip.checks import check_names
     from aip.config import ConfigError
     from aip.guards import NonFiniteError
     from aip.images import DataError
@@ -136,6 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     held = None
     try:
         cfg, run_dir, resume, branch = _resolve(args)
+        check_names(cfg)  # registry names and the data set's files, before a run directory is claimed
         if cfg.mode == "eval" and (resume is not None or branch is not None):
             raise ConfigError("mode eval measures model.teacher_checkpoint; it takes no --resume or --from-stage")
         from aip.accel import CPU_ONLY, mixed_precision, process_group_kwargs

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from aip.checks import check_names
 from aip.config import ConfigError, config_from_dict, load_config, parse_overrides, save_config
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
@@ -62,7 +63,7 @@ def test_resolved_config_round_trips(tmp_path: Path) -> None:
 )
 def test_bad_values_give_one_line_naming_the_key(overrides: list[str], fragment: str) -> None:
     with pytest.raises(ConfigError) as info:
-        load_config(CONFIGS / "debug.yaml", overrides)
+        check_names(load_config(CONFIGS / "debug.yaml", overrides))  # as a run checks it: values, then names
     message = str(info.value)
     assert fragment in message
     assert "\n" not in message

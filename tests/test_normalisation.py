@@ -9,6 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
+from aip.checks import check_names
 from aip.config import ConfigError, DataConfig, config_from_dict
 from aip.data import CIFAR10_MEAN, CIFAR10_STD, IMAGENET_MEAN, IMAGENET_STD, build_data
 
@@ -94,5 +95,5 @@ def test_synthetic_applies_it_to_its_raw_values() -> None:
 )
 def test_bad_values_are_one_line_errors(data: dict, fragment: str) -> None:
     with pytest.raises(ConfigError) as info:
-        config_from_dict({"data": data})
+        check_names(config_from_dict({"data": data}))
     assert fragment in str(info.value) and "\n" not in str(info.value), str(info.value)

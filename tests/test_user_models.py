@@ -15,6 +15,7 @@ import torch
 import yaml
 
 from aip import checkpoint as ckpt
+from aip.checks import check_names
 from aip.config import ConfigError, config_from_dict, load_config
 from aip.models import check_model_name, create_model
 from aip.train import main
@@ -132,11 +133,11 @@ def test_a_wrong_input_shape_is_reported_by_the_probe(user_pkg: str) -> None:
 def test_config_validation_resolves_the_import_path(user_pkg: str) -> None:
     check_model_name(f"{user_pkg}.nets:TinyNet")
     with pytest.raises(ConfigError, match=r"model.name: cannot import 'no_such_pkg.nets'.*ModuleNotFoundError"):
-        config_from_dict({"model": {"name": "no_such_pkg.nets:Net"}})
+        check_names(config_from_dict({"model": {"name": "no_such_pkg.nets:Net"}}))
     with pytest.raises(ConfigError, match="has no attribute 'Nope'"):
-        config_from_dict({"model": {"name": f"{user_pkg}.nets:Nope"}})
+        check_names(config_from_dict({"model": {"name": f"{user_pkg}.nets:Nope"}}))
     with pytest.raises(ConfigError, match="not of the form package.module:callable"):
-        config_from_dict({"model": {"name": f"{user_pkg}.nets:"}})
+        check_names(config_from_dict({"model": {"name": f"{user_pkg}.nets:"}}))
 
 
 def test_model_kwargs_and_rename_are_typed_mappings(user_pkg: str, tmp_path: Path) -> None:
@@ -149,7 +150,7 @@ def test_model_kwargs_and_rename_are_typed_mappings(user_pkg: str, tmp_path: Pat
     with pytest.raises(ConfigError, match=r"model.checkpoint_rename.a.: expected a string, got 3"):
         load_config(path, ["model.checkpoint_rename={'a.': 3}"])
     with pytest.raises(ConfigError, match="model.kwargs: only used with model.name: package.module:callable"):
-        config_from_dict({"model": {"name": "cifar_resnet8", "kwargs": {"width": 2}}})
+        check_names(config_from_dict({"model": {"name": "cifar_resnet8", "kwargs": {"width": 2}}}))
 
 
 def test_cli_imports_the_model_from_the_working_directory(user_pkg: str, tmp_path: Path) -> None:

@@ -1,0 +1,45 @@
+"""The config checks that need the registries: model, data set and criterion names, and each data set's own keys.
+
+`aip.config` validates values and imports no registry, so that the registries (which import `aip.config`) never
+import it back; this module sits above both. Everything that runs a job calls `check_names` before any work:
+`aip/train.py` before it claims a run directory, and `Engine.__init__` for every other caller.
+"""
+
+from __future__ import annotations
+
+from aip.config import Config
+from aip.data import DATASETS
+from aip.errors import ConfigError
+from aip.models import check_model_name
+from aip.models.user import is_import_path
+from aip.prune.importance import IMPORTANCES
+from aip.registry import UnknownNameError
+
+# Criteria that rank by likeness rather than saliency: not allowed as the hybrid's saliency half.
+LIKENESS_CRITERIA = ("hybrid", "similarity", "fpgm")
+
+
+def _one_of(key: str, value: str, allowed: list[str]) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{key}: {value!r} is not allowed; choose one of: {', '.join(allowed)}")
+
+
+def check_names(cfg: Config, dataset: bool = True) -> None:
+    """Raise a one-line ConfigError for a name no registry holds; `dataset`: also the data set's own checks.
+
+    The data set's checks look for its files under data.root (without reading them); `--print-config` skips them.
+    """
+    try:
+        check_model_name(cfg.model.name)
+    except UnknownNameError as exc:
+        raise ConfigError(f"model.name: {exc}") from None
+    if cfg.model.kwargs and not is_import_path(cfg.model.name):
+        raise ConfigError(
+            f"model.kwargs: only used with model.name: package.module:callable, not {cfg.model.name!r}; set it to {{}}"
+        )
+    _one_of("data.name", cfg.data.name, DATASETS.names())
+    _one_of("prune.criterion", cfg.prune.criterion, IMPORTANCES.names())
+    saliency = [n for n in IMPORTANCES.names() if n not in LIKENESS_CRITERIA]
+    _one_of("prune.hybrid.saliency", cfg.prune.hybrid.saliency, saliency)
+    if dataset:
+        DATASETS.get(cfg.data.name).validate(cfg.data)
