@@ -17,6 +17,13 @@ class Cost:
     params: int
 
 
+def positions(module: nn.Module, out: torch.Tensor) -> int:
+    """Output positions per image and channel: H x W of a convolution's map, and of a linear layer applied to every
+    position of a channels-last map (N, H, W, C), as ConvNeXt's blocks do; 1 for a plain (N, C) linear layer."""
+    channels = out.shape[-1] if isinstance(module, nn.Linear) else out.shape[1]
+    return max(1, out.numel() // max(1, out.shape[0] * channels))
+
+
 @torch.no_grad()
 def model_cost(model: nn.Module, example: torch.Tensor) -> Cost:
     """FLOPs of one forward of `example` (batch 1 recommended) and the parameter count; the mode is restored."""

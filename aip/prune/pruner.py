@@ -18,7 +18,7 @@ import torch_pruning as tp
 from torch import nn
 
 from aip.hooks import inspecting
-from aip.prune.cost import model_cost
+from aip.prune.cost import model_cost, positions
 from aip.prune.groups import PrunableGroup, enumerate_groups
 from aip.prune.importance import needs_features, needs_gradients
 from aip.prune.safety import Snapshot, mismatch, outputs, silence
@@ -181,7 +181,7 @@ class ChannelPruner:
         out_sizes: dict[nn.Module, int] = {}
 
         def keep(mod: nn.Module, _i: object, out: torch.Tensor) -> None:
-            out_sizes[mod] = math.prod(out.shape[2:]) or 1
+            out_sizes[mod] = positions(mod, out)
 
         layers = (nn.Conv2d, nn.Conv1d, nn.Conv3d, nn.Linear)
         with inspecting(self.model, {m: keep for m in self.model.modules() if isinstance(m, layers)}):

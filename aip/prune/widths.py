@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from aip.hooks import inspecting
+from aip.prune.cost import positions
 from aip.prune.pruner import ChannelPruner
 
 
@@ -39,7 +40,7 @@ class WidthCost:
         layers = [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
 
         def keep(mod: nn.Module, _i: object, out: torch.Tensor) -> None:
-            spatial[mod] = out[0, 0].numel() if out.dim() > 2 else 1
+            spatial[mod] = positions(mod, out)
 
         with inspecting(model, dict.fromkeys(layers, keep)), torch.no_grad():
             model(pruner.example)
