@@ -37,6 +37,9 @@ NEUTRAL_KEYS = (
     "export",  # which files the final model is written as: a resume of a finished run writes the missing ones
 )
 _STAMP = "%Y%m%d-%H%M%S"
+# A file or directory written under a temporary name and renamed into place when complete: `<name>.tmp`,
+# `.<stem>.<pid>.tmp.<suffix>` (aip/checkpoint.py, aip/export.py, the teacher and ACP's swarm file).
+_TEMPORARY = re.compile(r".+\.tmp(?:\.[A-Za-z0-9]+)?")
 
 
 class RunDirError(ConfigError):
@@ -173,11 +176,31 @@ def prepare_fresh(run_dir: Path, cfg: Config, overwrite: bool) -> None:
     )
 
 
+def remove_temporaries(run_dir: Path) -> list[Path]:
+    """Remove what a killed run left half-written under a temporary name: `.stage-NN[-step-S].tmp` checkpoint
+    directories, `.model_pruned.<pid>.tmp.pt2` exports (named after a process that no longer exists), `teacher.pt.tmp`.
+
+    Only the run that holds the directory's lock calls this, so no live process is writing any of them."""
+    run_dir = Path(run_dir)
+    found = [
+        p for d in (run_dir, run_dir / "checkpoints") if d.is_dir() for p in d.iterdir() if _TEMPORARY.fullmatch(p.name)
+    ]
+    for path in found:
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+    return found
+
+
 def claim(run_dir: Path, cfg: Config, existing: bool, overwrite: bool) -> RunLock:
-    """Lock `run_dir` for this run; a new run (`existing` false) also needs it empty, or emptied by --overwrite."""
+    """Lock `run_dir` for this run; a new run (`existing` false) also needs it empty, or emptied by --overwrite, and
+    a run that goes on in it (`existing`) first removes the temporaries a killed run left there."""
     held = lock(run_dir)
     try:
-        if not existing:
+        if existing:
+            remove_temporaries(run_dir)
+        else:
             prepare_fresh(run_dir, cfg, overwrite)
     except BaseException:
         held.release()
