@@ -120,7 +120,12 @@ def test_restart_after_the_teacher_was_saved_matches_the_unbroken_run(tmp_path: 
     """Killed after teacher.pt, before the first stage checkpoint: the restart loads the teacher instead of training
     it, and must still build the same discriminator and calibrate on the same batches."""
     reference = tmp_path / "reference"
-    overrides = {"train.teacher_epochs": 1, "prune.criterion": "taylor", "prune.intervals": 1, "prune.finetune_epochs": 0}
+    overrides = {
+        "train.teacher_epochs": 1,
+        "prune.criterion": "taylor",
+        "prune.intervals": 1,
+        "prune.finetune_epochs": 0,
+    }
     config = _config(tmp_path / "c.yaml", **overrides)
     assert main(["--config", str(config), "--out", str(reference)]) == 0
     run_dir = tmp_path / "restarted"
