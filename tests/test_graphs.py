@@ -177,3 +177,31 @@ def test_a_group_the_graph_cannot_map_is_refused_and_the_others_still_prune(monk
     assert "features.1.b.0" in pruner.refused
     pruner.prune_to(0.6 * pruner.cost("flops"), "flops", create_importance("l1"))
     assert broken.out_channels == 8 and model.features[1].a[0].out_channels < 16
+
+
+class ChannelsLast(nn.Module):
+    """A ConvNeXt-like block: a convolution, then linear layers applied at every position of an (N, H, W, C) map."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 3, padding=1)
+        self.up = nn.Linear(16, 64)
+        self.down = nn.Linear(64, 16)
+        self.fc = nn.Linear(16, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x).permute(0, 2, 3, 1)
+        x = self.down(torch.relu(self.up(x)))
+        return self.fc(x.mean(dim=(1, 2)))
+
+
+def test_linear_layers_on_channels_last_maps_are_priced_per_position() -> None:
+    from aip.prune.widths import WidthCost
+
+    model = ChannelsLast().eval()
+    example = torch.randn(1, 3, 16, 16)
+    pruner = ChannelPruner(model, example, [model.fc])
+    log = pruner.prune_to(0.5 * pruner.cost("flops"), "flops", create_importance("l1"))
+    assert log.steps <= 3  # priced per position, one step nearly fills the gap (per-row pricing took dozens)
+    assert 0.5 * 0.95 <= log.cost_after / log.cost_before <= 0.5
+    assert WidthCost(pruner).of(pruner.widths(), "flops") == pytest.approx(pruner.cost("flops"))
