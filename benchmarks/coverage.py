@@ -17,6 +17,7 @@ import argparse
 import copy
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -134,8 +135,8 @@ def _reasons(refused: dict[str, str]) -> str:
     if not refused:
         return "none"
     by_reason: dict[str, list[str]] = {}
-    for group, reason in refused.items():
-        by_reason.setdefault(reason, []).append(group)
+    for group, reason in refused.items():  # the same reason at other layers: one entry, module names elided
+        by_reason.setdefault(re.sub(r"\b\w+(\.\w+)+\b", "...", reason), []).append(group)
     return "; ".join(f"{len(g)}: {r} (e.g. `{g[0]}`)" for r, g in by_reason.items())
 
 
@@ -164,7 +165,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)  # small inputs: threads only add contention on a shared machine
     rows = []
-    for name in args.models:
+    for name in dict.fromkeys(args.models):
         row = run_one(name, args.target)
         rows.append(row)
         print(json.dumps(row), flush=True)
@@ -174,6 +175,11 @@ def main() -> None:
     out.with_suffix(".json").write_text(json.dumps(meta, indent=1))
     write_markdown(rows, out.with_suffix(".md"))
     print(out.with_suffix(".md").read_text())
+
+
+def rewrite_markdown(path: Path) -> None:
+    """Regenerate the Markdown table from a results JSON (e.g. after a change of presentation only)."""
+    write_markdown(json.loads(path.read_text())["rows"], path.with_suffix(".md"))
 
 
 if __name__ == "__main__":

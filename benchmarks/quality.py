@@ -1,167 +1,370 @@
-"""Quality benchmark on real CIFAR-10: accuracy at equal FLOPs, AIP against the usual prune-then-fine-tune.
+"""Quality benchmark on real CIFAR-10: does each loss term earn its place, starting from a published teacher?
 
-    python benchmarks/quality.py [--quick] [--seeds N] [--data DIR] [--out benchmarks/results]
+    python benchmarks/quality.py [--quick] [--seeds N] [--model resnet20|resnet56] [--data DIR] [--out DIR]
 
-One teacher (CIFAR ResNet-20, our own `mode: train`, cached in the work directory so the arms can be re-run) on a
-fixed training subset; then, from that teacher, with the same criterion (L1), the same target (50% of the teacher's
-FLOPs) and the same epoch budget, the arms:
-  a. prune + fine-tune with cross-entropy only (the usual Torch-Pruning workflow),
-  b. + output-feature distillation (KL on logits),
-  c. + attention transfer,
-  d. + adversarial loss (full AIP),
-  e. full AIP with the hybrid criterion (L1, then similarity).
-Each arm reports top-1 on the full test set, FLOPs and parameter ratios and wall time; with --seeds N, mean and
-spread. Data: the CIFAR-10 JPEG tree (train/, test/); by default ~/.cache/aip/cifar10-jpeg, extracted from
-../shared/data/cifar10-jpeg.tar when that exists. Results: <out>/quality.json, quality.md, quality.png.
+No teacher is trained: the teacher is a fully trained CIFAR ResNet from ../shared/weights (pytorch-cifar-models,
+ResNet-20 92.60% / ResNet-56 94.37% top-1), loaded with `model.checkpoint_rename: {".downsample.": ".shortcut."}`
+and the normalisation it was trained with (`data.mean`/`data.std`, as configs/cifar10_resnet20_eval.yaml).
+From it, for each target (50% and 30% of the teacher's FLOPs) and each seed, with the same criterion (L1), the same
+target, the same total recovery epochs, the same data order and the same seeds, six arms:
+  a_ce          prune + fine-tune with cross-entropy only (the usual Torch-Pruning workflow),
+  b_kd          + distillation on the logits (KL),
+  c_kd_at       + attention transfer,
+  d_aip         + adversarial term (full AIP),
+  e_aip_hybrid  full AIP with the hybrid criterion (L1, then similarity),
+  f_acp         `mode: acp`: searched per-layer widths, then one AIP recovery of as many epochs as the others' total
+                (the search itself is extra: its seconds and training steps are reported beside the wall times).
+Top-1 is always on the full 10,000-image test set; training uses a fixed subset (`data.train_subset`).
+
+Statistics: mean and standard deviation over seeds per arm, and for each arm the paired difference to arm a of the
+same seed (mean, standard deviation, standard error); a difference is called a win only when the paired mean exceeds
+twice its standard error (a loss when it is below minus twice; with one seed no call is made). The same paired
+statistics between consecutive arms (b-a, c-b, d-c, e-d, f-d) say what each added term brings.
+
+Data: the lossless CIFAR-10 ImageFolder tree (train/, test/), by default ~/.cache/aip/cifar10, extracted from
+../shared/data/cifar10.tar.gz when missing. Results: <out>/quality.json, quality.md, quality.png (--quick:
+quality-quick.*). JSON layout: {"teacher": {name, top1, ...}, "seeds": [...], "results": {"0.5": {arm: [top-1 per
+seed]}, "0.3": {...}}, "runs": {target: {arm: [per-seed details]}}, "paired": {...}, "settings", "machine", ...}.
+Per-epoch recovery curves need engine support that does not exist yet; they would go into a "curves" entry shaped
+like "results" ({target: {arm: [[top-1 after each recovery epoch] per seed]}}).
+
+Caching: each arm runs through aip.train.main in a run directory of its own under --work, named by a hash of the
+arm's fully resolved config (which holds target and seed), the teacher file's hash and the code version
+(`git rev-parse HEAD` plus a hash of `git diff HEAD -- aip` and of untracked files under aip/). A run is reused
+only when its key matches and its report.json is complete; a directory of the same key without a complete report
+is resumed (`--resume auto`), anything else is a new directory, so no number from other code or settings is reused.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
+import math
+import os
 import platform
 import statistics
+import subprocess
 import sys
 import tarfile
 import time
 from pathlib import Path
 
-import torch
-import yaml
-
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-
-from aip.train import main as train_main  # noqa: E402
-
+SHARED = REPO.parent / "shared"
+TARGETS = ("0.5", "0.3")
+LOSSES = {
+    "ce": {"ce": {"weight": 1.0}, "kd": {"weight": 0.0}, "at": {"weight": 0.0}, "adv": {"weight": 0.0}},
+    "kd": {"ce": {"weight": 0.7}, "kd": {"weight": 0.3}, "at": {"weight": 0.0}, "adv": {"weight": 0.0}},
+    "kd_at": {"ce": {"weight": 0.7}, "kd": {"weight": 0.3}, "at": {"weight": 1000.0}, "adv": {"weight": 0.0}},
+    "aip": {"ce": {"weight": 0.7}, "kd": {"weight": 0.3}, "at": {"weight": 1000.0}, "adv": {"weight": 1.0}},
+}
 ARMS = {
-    "a_ce_only": {
-        "loss": {"ce": {"weight": 1.0}, "kd": {"weight": 0.0}, "at": {"weight": 0.0}, "adv": {"weight": 0.0}}
-    },
-    "b_kd": {"loss": {"ce": {"weight": 0.7}, "kd": {"weight": 0.3}, "at": {"weight": 0.0}, "adv": {"weight": 0.0}}},
-    "c_kd_at": {
-        "loss": {"ce": {"weight": 0.7}, "kd": {"weight": 0.3}, "at": {"weight": 1000.0}, "adv": {"weight": 0.0}}
-    },
-    "d_aip": {"loss": {"ce": {"weight": 0.7}, "kd": {"weight": 0.3}, "at": {"weight": 1000.0}, "adv": {"weight": 1.0}}},
-    "e_aip_hybrid": {
-        "loss": {"ce": {"weight": 0.7}, "kd": {"weight": 0.3}, "at": {"weight": 1000.0}, "adv": {"weight": 1.0}},
-        "prune": {"criterion": "hybrid"},
-    },
+    "a_ce": {"loss": LOSSES["ce"]},
+    "b_kd": {"loss": LOSSES["kd"]},
+    "c_kd_at": {"loss": LOSSES["kd_at"]},
+    "d_aip": {"loss": LOSSES["aip"]},
+    "e_aip_hybrid": {"loss": LOSSES["aip"], "prune": {"criterion": "hybrid"}},
+    "f_acp": {"mode": "acp", "loss": LOSSES["aip"], "acp": {"final": "aip", "distill": True}},
 }
+# Consecutive comparisons: what each added ingredient brings over the arm without it.
+STEPS = [("b_kd", "a_ce"), ("c_kd_at", "b_kd"), ("d_aip", "c_kd_at"), ("e_aip_hybrid", "d_aip"), ("f_acp", "d_aip")]
+MODELS = {
+    "resnet20": {"name": "cifar_resnet20", "weights": "cifar10_resnet20.pth", "published_top1": 92.60},
+    "resnet56": {"name": "cifar_resnet56", "weights": "cifar10_resnet56.pth", "published_top1": 94.37},
+}
+# Default: 6 arms x 2 targets x 3 seeds = 36 runs in one sitting on 2 CPU cores (ResNet-20).
+# Quick: 12 runs (1 seed, both targets), about 10 minutes.
 SETTINGS = {
-    False: {"subset": 15000, "teacher_epochs": 25, "intervals": 3, "between": 2, "finetune": 4},
-    True: {"subset": 5000, "teacher_epochs": 15, "intervals": 3, "between": 1, "finetune": 2},
+    False: {
+        "subset": 6000,
+        "batch_size": 128,
+        "lr": 0.01,
+        "intervals": 2,
+        "between": 1,
+        "finetune": 2,
+        "acp": {"particles": 4, "iterations": 2, "recovery_steps": 15, "holdout_size": 1000, "calibration": 200},
+    },
+    True: {
+        "subset": 1500,
+        "batch_size": 128,
+        "lr": 0.01,
+        "intervals": 2,
+        "between": 1,
+        "finetune": 1,
+        "acp": {"particles": 3, "iterations": 2, "recovery_steps": 8, "holdout_size": 500, "calibration": 200},
+    },
 }
+
+
+def fail(message: str) -> None:
+    sys.exit(f"error: {' '.join(message.split())}")
+
+
+def git(*args: str) -> bytes:
+    return subprocess.run(["git", *args], cwd=REPO, capture_output=True, check=True).stdout
+
+
+def code_version() -> dict:
+    """HEAD, plus a hash of the uncommitted changes under aip/ (tracked diff and untracked files)."""
+    try:
+        head = git("rev-parse", "HEAD").decode().strip()
+        diff = git("diff", "HEAD", "--", "aip")
+        digest = hashlib.sha256(diff)
+        untracked = git("ls-files", "--others", "--exclude-standard", "--", "aip").decode().split()
+    except (OSError, subprocess.CalledProcessError) as exc:
+        fail(f"cannot read the code version with git in {REPO} ({exc}); run from a git checkout")
+    for name in sorted(untracked):
+        digest.update(name.encode() + b"\0" + (REPO / name).read_bytes())
+    return {"commit": head, "aip_changes_sha256": digest.hexdigest(), "dirty": bool(diff or untracked)}
+
+
+def file_sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def find_data(path: str | None) -> Path:
-    """The CIFAR-10 JPEG tree; extracted once from ../shared/data when it is not there yet."""
-    root = Path(path).expanduser() if path else Path.home() / ".cache" / "aip" / "cifar10-jpeg"
+    """The lossless CIFAR-10 tree; extracted once from ../shared/data/cifar10.tar.gz when the default is missing."""
+    root = Path(path).expanduser() if path else Path.home() / ".cache" / "aip" / "cifar10"
     if (root / "train").is_dir() and (root / "test").is_dir():
         return root
-    tar = REPO.parent / "shared" / "data" / "cifar10-jpeg.tar"
+    tar = SHARED / "data" / "cifar10.tar.gz"
     if path is None and tar.is_file():
         print(f"extracting {tar} to {root} (once)", flush=True)
         root.mkdir(parents=True, exist_ok=True)
         with tarfile.open(tar) as archive:
             archive.extractall(root, filter="data")
         return root
-    sys.exit(
-        f"error: no CIFAR-10 tree (train/, test/) at {root}; extract ../shared/data/cifar10-jpeg.tar there "
-        "or pass --data DIR"
+    fail(
+        f"no CIFAR-10 tree (train/, test/) at {root}; extract the lossless copy there: "
+        f"mkdir -p {root} && tar -xzf {tar} -C {root} (or pass --data DIR)"
     )
+    raise AssertionError
 
 
-def base_config(data: Path, s: dict, seed: int) -> dict:
-    return {
+def recovery_epochs(s: dict) -> int:
+    return s["intervals"] * s["between"] + s["finetune"]
+
+
+def arm_config(arm: str, model: dict, weights: Path, data: Path, s: dict, target: float, seed: int) -> dict:
+    """The fully resolved config of one arm at one target and seed (what goes to aip.train.main)."""
+    cfg: dict = {
+        "mode": "aip",
         "seed": seed,
-        "model": {"name": "cifar_resnet20"},
+        "name": f"quality-{arm}",
+        "model": {
+            "name": model["name"],
+            "teacher_checkpoint": str(weights),
+            "checkpoint_rename": {".downsample.": ".shortcut."},
+        },
         "data": {
             "name": "cifar10",
             "root": str(data),
-            "batch_size": 128,
+            "batch_size": s["batch_size"],
             "eval_batch_size": 500,
+            "num_workers": 0,
             "train_subset": s["subset"],
+            "mean": [0.4914, 0.4822, 0.4465],
+            "std": [0.2023, 0.1994, 0.2010],
         },
-        "train": {
-            "epochs": s["teacher_epochs"],
-            "teacher_epochs": s["teacher_epochs"],
-            "lr": 0.05,
-            "log_every": 50,
-            "eval_every": 5,
-        },
+        "train": {"lr": s["lr"], "scheduler": "cosine", "log_every": 50},
         "prune": {
             "criterion": "l1",
-            "target_flops_ratio": 0.5,
+            "target_flops_ratio": target,
             "intervals": s["intervals"],
             "epochs_between": s["between"],
             "finetune_epochs": s["finetune"],
         },
+        "checkpoint": {"keep": 1},
+        "export": {"formats": []},
     }
+    cfg = merge(cfg, ARMS[arm])
+    if cfg["mode"] == "acp":  # one recovery stage of the others' total epochs; no intervals
+        a = s["acp"]
+        cfg["prune"]["finetune_epochs"] = recovery_epochs(s)
+        cfg["acp"].update(
+            {
+                "calibration_images": a["calibration"],
+                "holdout_size": a["holdout_size"],
+                "recovery_steps": a["recovery_steps"],
+                "swarm": {"particles": a["particles"], "iterations": a["iterations"]},
+            }
+        )
+    return cfg
 
 
 def merge(base: dict, extra: dict) -> dict:
-    out = dict(base)
+    out = json.loads(json.dumps(base))
     for k, v in extra.items():
-        out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+        out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else json.loads(json.dumps(v))
     return out
 
 
-def run(config: dict, work: Path, name: str) -> tuple[dict, float]:
-    """Run aip/train.py on `config` in work/name (skipped when its report exists); (report, wall seconds)."""
-    run_dir = work / name
-    report = run_dir / "report.json"
-    if report.is_file():
-        meta = json.loads((run_dir / "wall.json").read_text())
-        return json.loads(report.read_text()), meta["seconds"]
-    run_dir.mkdir(parents=True, exist_ok=True)
-    cfg_path = run_dir.parent / f"{name}.yaml"
-    cfg_path.write_text(yaml.safe_dump(config))
+def expected_stages(cfg: dict) -> int:
+    if cfg["mode"] == "acp":
+        return 1
+    return cfg["prune"]["intervals"] + (1 if cfg["prune"]["finetune_epochs"] > 0 else 0)
+
+
+def complete(run_dir: Path, key: str, cfg: dict) -> dict | None:
+    """The run's report and our record of it when both exist, match the key and hold every stage; else None."""
+    try:
+        report = json.loads((run_dir / "report.json").read_text())
+        meta = json.loads(run_dir.with_name(run_dir.name + ".done.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if meta.get("key") != key or len(report.get("stages", [])) != expected_stages(cfg) or not report.get("teacher"):
+        return None
+    return {"report": report, **meta}
+
+
+def run_arm(cfg: dict, key_parts: dict, work: Path, label: str) -> dict:
+    """Run one arm in work/<label>-<key> (reused when complete with the same key); its report and wall time."""
+    import yaml
+
+    from aip.train import main as train_main
+
+    key = hashlib.sha256(json.dumps({**key_parts, "config": cfg}, sort_keys=True).encode()).hexdigest()
+    run_dir = work / f"{label}-{key[:16]}"
+    done = complete(run_dir, key, cfg)
+    if done is not None:
+        print(f"{label}: cached in {run_dir}", flush=True)
+        return {**done, "cached": True, "run_dir": str(run_dir)}
+    # The run directory holds only the run (aip refuses foreign files there); our records lie beside it.
+    cfg_path = run_dir.with_name(run_dir.name + ".yaml")
+    done_path = run_dir.with_name(run_dir.name + ".done.json")
+    started_path = run_dir.with_name(run_dir.name + ".started")
+    work.mkdir(parents=True, exist_ok=True)
+    cfg_path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    done_path.unlink(missing_ok=True)
+    resumed = started_path.is_file() and run_dir.is_dir()  # an earlier try of this key was cut short
+    started_path.write_text(key + "\n")
+    print(f"{label}: {'resuming' if resumed else 'running'} in {run_dir}", flush=True)
     start = time.perf_counter()
-    # An interrupted run of the same arm goes on from its checkpoint; a fresh one starts in the empty directory.
+    # Same key: an interrupted run goes on from its newest checkpoint (or from the start in its own directory).
     code = train_main(["--config", str(cfg_path), "--out", str(run_dir), "--resume", "auto"])
     if code != 0:
-        sys.exit(f"error: the run {name} failed (exit {code}); see its output above")
+        fail(f"the run {label} failed (exit {code}) in {run_dir}; see its output above")
     seconds = time.perf_counter() - start
-    (run_dir / "wall.json").write_text(json.dumps({"seconds": seconds}))
-    return json.loads(report.read_text()), seconds
+    search = None
+    if cfg["mode"] == "acp":
+        log = json.loads((run_dir / "pruning_log.json").read_text())
+        search = next((e.get("seconds") for e in log if e.get("criterion") == "acp"), None)
+    meta = {"key": key, "seconds": seconds, "resumed": resumed, "search_seconds": search}
+    done_path.write_text(json.dumps(meta, indent=1))
+    done = complete(run_dir, key, cfg)
+    if done is None:
+        fail(f"the run {label} ended without a complete report.json in {run_dir}")
+    return {**done, "cached": False, "run_dir": str(run_dir)}
 
 
-def summarise(results: dict) -> list[str]:
-    teacher = results["teacher"]
+def describe(values: list[float]) -> dict:
+    n = len(values)
+    mean = statistics.mean(values)
+    sd = statistics.stdev(values) if n > 1 else None
+    return {"n": n, "mean": mean, "std": sd, "se": sd / math.sqrt(n) if sd is not None else None}
+
+
+def paired(xs: list[float], ys: list[float]) -> dict:
+    """Paired difference x - y over seeds: mean, std, standard error, and the call (win only beyond 2 SE)."""
+    d = describe([x - y for x, y in zip(xs, ys, strict=True)])
+    if d["se"] is None:
+        call = "n/a (one seed)"
+    elif d["mean"] > 2 * d["se"]:
+        call = "win"
+    elif d["mean"] < -2 * d["se"]:
+        call = "loss"
+    else:
+        call = "no difference"
+    return {**d, "differences": [x - y for x, y in zip(xs, ys, strict=True)], "call": call}
+
+
+def fmt(v: float | None, sign: bool = False) -> str:
+    if v is None:
+        return "-"
+    return f"{v:+.2f}" if sign else f"{v:.2f}"
+
+
+def markdown(out: dict, tag: str) -> list[str]:
+    s, teacher = out["settings"], out["teacher"]
     lines = [
-        "| arm | top-1 | spread | FLOPs ratio | params ratio | top-1 vs arm a | top-1 vs teacher | wall (s) |",
-        "|---|---|---|---|---|---|---|---|",
-        f"| teacher | {teacher['top1']:.2f} | - | 1.000 | 1.000 | - | - | {results['teacher_seconds']:.0f} |",
+        f"# Quality: CIFAR-10, published {teacher['name']} teacher, 50% and 30% FLOPs ({tag})",
+        "",
+        f"Command: `{out['command']}` on {out['machine']['description']}, torch {out['machine']['torch']}; "
+        f"{out['wall_seconds'] / 60:.0f} minutes (cached runs count as 0). Code {out['code']['commit'][:10]}"
+        f"{' + uncommitted aip/ changes' if out['code']['aip_changes_sha256'] != EMPTY_SHA else ''}.",
+        "",
+        f"Teacher: {teacher['file']} (top-1 {teacher['top1']:.2f} here, published {teacher['published_top1']:.2f}). "
+        f"Training subset {s['subset']} images (fixed), batch {s['batch_size']}, lr {s['lr']} (cosine per stage); "
+        f"arms a-e: L1 (e: hybrid) in {s['intervals']} intervals x {s['between']} epochs + {s['finetune']} "
+        f"fine-tune epochs ({s['recovery_epochs']} recovery epochs); f_acp: width search (swarm "
+        f"{s['acp']['particles']} particles x {s['acp']['iterations']} iterations x {s['acp']['recovery_steps']} "
+        f"steps, {s['acp']['holdout_size']} held-out images) then one AIP recovery of {s['recovery_epochs']} epochs. "
+        f"Top-1 on the full 10,000-image test set; seeds {out['seeds']}.",
+        "",
     ]
-    base = statistics.mean(r["top1"] for r in results["arms"]["a_ce_only"])
-    for arm, runs in results["arms"].items():
-        top1 = [r["top1"] for r in runs]
-        mean = statistics.mean(top1)
-        spread = f"{statistics.stdev(top1):.2f}" if len(top1) > 1 else "-"
-        lines.append(
-            f"| {arm} | {mean:.2f} | {spread} | {statistics.mean(r['flops_ratio'] for r in runs):.3f} "
-            f"| {statistics.mean(r['params_ratio'] for r in runs):.3f} | {mean - base:+.2f} "
-            f"| {mean - teacher['top1']:+.2f} | {statistics.mean(r['seconds'] for r in runs):.0f} |"
-        )
+    for target in TARGETS:
+        runs, stats = out["runs"][target], out["paired"][target]
+        lines += [
+            f"## {float(target):.0%} of the teacher's FLOPs",
+            "",
+            "| arm | top-1 mean | std | per seed | FLOPs ratio | params ratio | vs a: mean | std | SE | call "
+            "| vs teacher | wall (s) |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for arm, rs in runs.items():
+            top1 = [r["top1"] for r in rs]
+            d = describe(top1)
+            p = stats["vs_a"].get(arm)
+            wall = statistics.mean(r["seconds"] for r in rs)
+            search = [r["search_seconds"] for r in rs if r.get("search_seconds") is not None]
+            wall_s = f"{wall:.0f}" + (f" (search {statistics.mean(search):.0f})" if search else "")
+            lines.append(
+                f"| {arm} | {d['mean']:.2f} | {fmt(d['std'])} | {', '.join(f'{v:.2f}' for v in top1)} "
+                f"| {statistics.mean(r['flops_ratio'] for r in rs):.3f} "
+                f"| {statistics.mean(r['params_ratio'] for r in rs):.3f} "
+                + (
+                    f"| {fmt(p['mean'], True)} | {fmt(p['std'])} | {fmt(p['se'])} | {p['call']} "
+                    if p
+                    else "| - | - | - | - "
+                )
+                + f"| {d['mean'] - teacher['top1']:+.2f} | {wall_s} |"
+            )
+        lines += ["", "Each added ingredient (paired over seeds):", "", "| comparison | mean | std | SE | call |"]
+        lines.append("|---|---|---|---|---|")
+        for name, p in stats["steps"].items():
+            lines.append(f"| {name} | {fmt(p['mean'], True)} | {fmt(p['std'])} | {fmt(p['se'])} | {p['call']} |")
+        lines.append("")
+    lines += [
+        "A win: the paired mean difference to arm a (same seed) exceeds twice its standard error. f_acp's wall time "
+        "includes its width search (in brackets); its recovery has as many epochs as the others' whole schedule.",
+        "Per-epoch recovery curves are not measured yet (no engine support).",
+    ]
     return lines
 
 
-def plot(results: dict, path: Path) -> None:
+EMPTY_SHA = hashlib.sha256(b"").hexdigest()
+
+
+def plot(out: dict, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4.5))
-    ax.scatter([1.0], [results["teacher"]["top1"]], color="k", zorder=3, label="teacher")
-    for arm, runs in results["arms"].items():
-        stages = runs[0]["stages"]
-        ax.plot([s["flops_ratio"] for s in stages], [s["top1"] for s in stages], marker="o", label=arm)
-    ax.invert_xaxis()
-    ax.set_xlabel("FLOPs ratio to the teacher (stage by stage)")
-    ax.set_ylabel("top-1 (%) on the CIFAR-10 test set")
-    ax.legend(fontsize=8)
+    arms = list(ARMS)
+    fig, axes = plt.subplots(1, len(TARGETS), figsize=(5.5 * len(TARGETS), 4.2), sharey=False)
+    for ax, target in zip(axes, TARGETS, strict=True):
+        for i, arm in enumerate(arms):
+            values = out["results"][target][arm]
+            ax.scatter([i] * len(values), values, color="0.6", s=12, zorder=2)
+            d = describe(values)
+            ax.errorbar([i], [d["mean"]], yerr=[d["std"] or 0.0], fmt="o", color=f"C{i}", capsize=4, zorder=3)
+        ax.set_xticks(range(len(arms)), arms, rotation=30, ha="right", fontsize=8)
+        ax.set_title(f"{float(target):.0%} of the teacher's FLOPs (teacher {out['teacher']['top1']:.2f})")
+        ax.set_ylabel("top-1 (%) on the CIFAR-10 test set")
+        ax.grid(alpha=0.3, axis="y")
+    fig.suptitle(f"{out['teacher']['name']}: mean ± std over seeds {out['seeds']} (grey: each seed)", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -169,61 +372,112 @@ def plot(results: dict, path: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="a small version for development (about 7 minutes)")
-    parser.add_argument("--seeds", type=int, default=1, help="seeds per arm (mean and spread reported)")
-    parser.add_argument("--data", help="CIFAR-10 tree with train/ and test/ (default ~/.cache/aip/cifar10-jpeg)")
+    parser.add_argument("--quick", action="store_true", help="1 seed, small subset, both targets (about 10 minutes)")
+    parser.add_argument("--seeds", type=int, help="seeds per arm, 0..N-1 (default 3; --quick: 1)")
+    parser.add_argument("--model", choices=sorted(MODELS), default="resnet20", help="the published teacher")
+    parser.add_argument("--data", help="CIFAR-10 ImageFolder tree with train/ and test/ (default ~/.cache/aip/cifar10)")
+    parser.add_argument("--weights", default=str(SHARED / "weights"), help="folder of the published teachers")
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
-    parser.add_argument("--work", default=str(REPO / "benchmarks" / ".cache"), help="run directories (cached)")
+    parser.add_argument("--work", default=str(REPO / "benchmarks" / ".cache" / "quality"), help="run directories")
     args = parser.parse_args()
+    seeds = list(range(args.seeds if args.seeds is not None else (1 if args.quick else 3)))
+    if not seeds:
+        fail("--seeds must be at least 1")
+    code = code_version()  # before the engine is imported: the code these runs use
+    model = MODELS[args.model]
+    weights = Path(args.weights) / model["weights"]
+    if not weights.is_file():
+        fail(f"no published teacher at {weights}; pass --weights DIR (the folder of ../shared/weights)")
     data = find_data(args.data)
-    s = SETTINGS[args.quick]
+    s = {**SETTINGS[args.quick], "recovery_epochs": recovery_epochs(SETTINGS[args.quick])}
     tag = "quick" if args.quick else "full"
-    work = Path(args.work) / f"quality-{tag}"
-    teacher_cfg = merge(base_config(data, s, 0), {"mode": "train"})
-    teacher, teacher_seconds = run(teacher_cfg, work, "teacher")
-    teacher_path = work / "teacher" / "model.pt"
-    results = {
-        "command": "python benchmarks/quality.py" + (" --quick" if args.quick else "") + f" --seeds {args.seeds}",
-        "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, CPU",
-        "settings": s,
-        "teacher": teacher["teacher"],
-        "teacher_seconds": teacher_seconds,
-        "arms": {},
+    work = Path(args.work)
+    sys.path.insert(0, str(REPO))
+    os.chdir(REPO)
+    import torch
+
+    key_parts = {"code": code, "teacher_sha256": file_sha256(weights)}
+    started = time.perf_counter()
+    runs: dict = {t: {arm: [] for arm in ARMS} for t in TARGETS}
+    teacher_row = None
+    for target in TARGETS:
+        for seed in seeds:  # seed-major: a cut-short sitting still has paired arms for the seeds it reached
+            for arm in ARMS:
+                cfg = arm_config(arm, model, weights, data, s, float(target), seed)
+                label = f"{args.model}-{arm}-t{target}-s{seed}"
+                done = run_arm(cfg, key_parts, work, label)
+                report = done["report"]
+                t, final = report["teacher"], report["stages"][-1]
+                teacher_row = teacher_row or t
+                runs[target][arm].append(
+                    {
+                        "seed": seed,
+                        "top1": final["top1"],
+                        "top5": final["top5"],
+                        "flops_ratio": final["flops"] / t["flops"],
+                        "params_ratio": final["params"] / t["params"],
+                        "seconds": done["seconds"],
+                        "search_seconds": done.get("search_seconds"),
+                        "cached": done["cached"],
+                        "resumed": done.get("resumed", False),
+                        "run_dir": done["run_dir"],
+                        "key": done["key"],
+                        "stages": [
+                            {
+                                "stage": st["stage"],
+                                "kind": st["kind"],
+                                "flops_ratio": st["flops"] / t["flops"],
+                                "top1": st["top1"],
+                            }
+                            for st in report["stages"]
+                        ],
+                    }
+                )
+                print(f"{label}: top-1 {final['top1']:.2f} ({done['seconds']:.0f} s)", flush=True)
+    results = {t: {arm: [r["top1"] for r in rs] for arm, rs in runs[t].items()} for t in TARGETS}
+    stats = {
+        t: {
+            "per_arm": {arm: describe(v) for arm, v in results[t].items()},
+            "vs_a": {arm: paired(v, results[t]["a_ce"]) for arm, v in results[t].items() if arm != "a_ce"},
+            "steps": {f"{x} - {y}": paired(results[t][x], results[t][y]) for x, y in STEPS},
+        }
+        for t in TARGETS
     }
-    for arm, extra in ARMS.items():
-        for seed in range(args.seeds):
-            cfg = merge(merge(base_config(data, s, seed), extra), {"model": {"teacher_checkpoint": str(teacher_path)}})
-            report, seconds = run(cfg, work, f"{arm}-seed{seed}")
-            final = report["stages"][-1]
-            t = report["teacher"]
-            stages = [{"flops_ratio": 1.0, "top1": t["top1"]}] + [
-                {"flops_ratio": st["flops"] / t["flops"], "top1": st["top1"]} for st in report["stages"]
-            ]
-            results["arms"].setdefault(arm, []).append(
-                {
-                    "seed": seed,
-                    "top1": final["top1"],
-                    "flops_ratio": final["flops"] / t["flops"],
-                    "params_ratio": final["params"] / t["params"],
-                    "seconds": seconds,
-                    "stages": stages,
-                }
-            )
-            print(f"{arm} seed {seed}: top-1 {final['top1']:.2f} in {seconds:.0f} s", flush=True)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"quality-{tag}.json").write_text(json.dumps(results, indent=1))
-    lines = [
-        f"# Quality: CIFAR-10, ResNet-20, 50% FLOPs ({tag})",
-        "",
-        f"Command: `{results['command']}` on {results['machine']}. Training subset {s['subset']} images, teacher "
-        f"{s['teacher_epochs']} epochs; each arm {s['intervals']} intervals x {s['between']} epochs + "
-        f"{s['finetune']} fine-tune epochs; top-1 on the full 10,000-image test set.",
-        "",
-        *summarise(results),
-    ]
-    (out / f"quality-{tag}.md").write_text("\n".join(lines) + "\n")
-    plot(results, out / f"quality-{tag}.png")
+    cpu = platform.processor() or platform.machine()
+    out = {
+        "command": "python benchmarks/quality.py"
+        + (" --quick" if args.quick else "")
+        + f" --seeds {len(seeds)} --model {args.model}",
+        "teacher": {
+            "name": f"CIFAR {args.model.replace('resnet', 'ResNet-')} (pytorch-cifar-models)",
+            "file": weights.name,
+            "published_top1": model["published_top1"],
+            **teacher_row,
+        },
+        "seeds": seeds,
+        "results": results,
+        "paired": stats,
+        "runs": runs,
+        "settings": s,
+        "configs_example": arm_config("d_aip", model, weights, data, s, 0.5, 0),
+        "wall_seconds": time.perf_counter() - started,
+        "machine": {
+            "description": f"{cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, CPU",
+            "platform": platform.platform(),
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+        },
+        "code": code,
+        "notes": "curves (top-1 after every recovery epoch) are not measured yet: they need engine support; they "
+        "would be added as a 'curves' entry shaped like 'results'.",
+    }
+    dest = Path(args.out)
+    dest.mkdir(parents=True, exist_ok=True)
+    stem = "quality-quick" if args.quick else "quality"
+    (dest / f"{stem}.json").write_text(json.dumps(out, indent=1))
+    lines = markdown(out, tag)
+    (dest / f"{stem}.md").write_text("\n".join(lines) + "\n")
+    plot(out, dest / f"{stem}.png")
     print("\n".join(lines))
 
 
