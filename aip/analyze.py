@@ -36,24 +36,25 @@ def _load(engine, path: Path) -> torch.nn.Module:
 
 def analyze(config: str, checkpoint: str, overrides: list[str], out: str | None) -> int:
     from aip.config import load_config
-    from aip.engine import Engine
+    from aip.methods.recovery import calibration
     from aip.models import classifier_of
     from aip.prune.capacity import estimate_capacity
     from aip.prune.cost import model_cost
     from aip.prune.importance import create_importance
     from aip.prune.pruner import ChannelPruner
+    from aip.session import Session
 
     cfg = load_config(config, overrides)
     path = Path(checkpoint)
     if not path.exists():
         raise FileNotFoundError(f"--checkpoint {checkpoint!r}: no such file or directory")
     out_dir = Path(out) if out else (path if path.is_dir() else path.parent).parent / "analysis"
-    engine = Engine(cfg, out_dir)
+    engine = Session(cfg, out_dir)
     model = _load(engine, path).to(engine.accelerator.device)
     example = engine.example.to(engine.accelerator.device)
     pruner = ChannelPruner(model, example, [classifier_of(model)], cfg.prune.max_layer_ratio)
     cap = cfg.prune.capacity
-    found = estimate_capacity(model, pruner.root_modules(), engine._calibrate(0, cap.batches), cap.tau, cap.safety)
+    found = estimate_capacity(model, pruner.root_modules(), calibration(engine, 0, cap.batches), cap.tau, cap.safety)
 
     probe = copy.deepcopy(model)
     probe_pruner = ChannelPruner(probe, example, [classifier_of(probe)], max_layer_ratio=0.999)
