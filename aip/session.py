@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import InitProcessGroupKwargs, set_seed
+from accelerate.utils import InitProcessGroupKwargs, broadcast, set_seed
 from safetensors.torch import load_file
 from torch import nn
 from torch.utils.data import DataLoader
@@ -111,11 +111,18 @@ class Session:
         self.accelerator.wait_for_everyone()
         self.tracking = bool(trackers)
         if self.tracking:
-            self.accelerator.init_trackers(TRACKER_RUN, config=_tracker_config(cfg))
+            self.accelerator.init_trackers(TRACKER_RUN)
+            for tracker in self.accelerator.trackers:  # the config as hyperparameters; TensorBoard has config.yaml
+                if tracker.name != "tensorboard":
+                    tracker.store_init_configuration(_tracker_config(cfg))
         set_seed(cfg.seed)
         self.data: DataBundle = data if data is not None else build_data(cfg.data)
         self.example = self.data.train[0][0].unsqueeze(0)
         self.model = copy.deepcopy(model) if model is not None else None
+        if self.model is not None and self.accelerator.num_processes > 1:
+            with torch.no_grad():  # rank 0's weights on every process: each built its instance on its own
+                for tensor in self.model.state_dict().values():
+                    tensor.copy_(broadcast(tensor.to(self.accelerator.device)))
         self.state = RunState()
         self._loader_gen = torch.Generator()
         self._batches = SeededBatches(self.data.train)  # each batch fetched with seeds of its own: see seed

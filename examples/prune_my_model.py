@@ -17,6 +17,7 @@ import sys
 
 import torch
 import torch.nn.functional as F
+from accelerate import PartialState
 from torch import nn
 from torch.utils.data import Dataset
 
@@ -53,7 +54,7 @@ class PatternImages(Dataset):
         gen = torch.Generator().manual_seed(seed)
         patterns = torch.randn(CLASSES, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(0))
         self.labels = torch.randint(0, CLASSES, (count,), generator=gen)
-        self.images = patterns[self.labels] + 1.5 * torch.randn(count, 3, SIZE, SIZE, generator=gen)
+        self.images = patterns[self.labels] + 2.5 * torch.randn(count, 3, SIZE, SIZE, generator=gen)
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -64,7 +65,6 @@ class PatternImages(Dataset):
 
 def train_by_hand(model: nn.Module, data: Dataset, epochs: int = 3) -> nn.Module:
     """Your own training loop: plain SGD on cross-entropy."""
-    torch.manual_seed(0)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     for _ in range(epochs):
         for x, y in torch.utils.data.DataLoader(data, batch_size=32, shuffle=True):
@@ -78,6 +78,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="runs/mine", help="run directory (must not hold another run)")
     args = parser.parse_args()
+    torch.manual_seed(0)
     train_set, val_set = PatternImages(512, seed=1), PatternImages(256, seed=2)
     my_trained_model = train_by_hand(SmallNet(), train_set)
 
@@ -96,7 +97,8 @@ def main() -> None:
 
     pruned = result.student  # the pruned nn.Module, recovered
     assert isinstance(pruned, SmallNet) and pruned(val_set[0][0][None]).shape == (1, CLASSES)
-    print(json.dumps(result.report))  # the stage table, the same dict as report.json
+    if PartialState().is_main_process:  # under `accelerate launch` every process gets the result; one prints it
+        print(json.dumps(result.report))  # the stage table, the same dict as report.json
 
 
 if __name__ == "__main__":

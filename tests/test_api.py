@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -148,3 +149,16 @@ def test_the_example_script_prunes_and_prints_the_stage_table(tmp_path: Path) ->
     assert [s["kind"] for s in report["stages"]] == ["prune", "prune", "finetune"]
     assert report["stages"][-1]["flops"] <= 0.4 * report["teacher"]["flops"]
     assert report["stages"][-1]["top1"] > 50.0  # 4 classes: chance is 25%
+
+
+@pytest.mark.slow
+def test_the_example_runs_the_same_under_accelerate_launch(tmp_path: Path) -> None:
+    """Two processes (gloo on the CPU) call `aip.run` alike: rank 0 prints the table; the weights are rank 0's."""
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
+    cmd += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0"]
+    script = [str(REPO / "examples" / "prune_my_model.py"), "--out", str(tmp_path / "mine")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([*cmd, *script], cwd=tmp_path, capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = [line for line in done.stdout.splitlines() if line.startswith('{"teacher"')]
+    assert len(lines) == 1 and json.loads(lines[0]) == json.loads((tmp_path / "mine" / "report.json").read_text())
