@@ -95,7 +95,5 @@ def run(
         classes = _classes(teacher, example) if teacher is not None else None
         data = data_bundle(train_data, val_data, classes, cfg.data.num_classes)
     run_dir, existing, checkpoint = resolve(cfg, out, resume)
-    if run_dir is None and out is not None:
-        run_dir = Path(out)
     outcome = execute(cfg, run_dir, existing, resume=checkpoint, overwrite=overwrite, model=teacher, data=data)
     return Result(outcome.model, outcome.report, outcome.run_dir)

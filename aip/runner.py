@@ -19,26 +19,34 @@ from aip.methods import run_method
 from aip.session import Outcome, Session
 
 
-def resolve(cfg: Config, out: str | Path | None, resume: str | Path | None) -> tuple[Path | None, bool, Path | None]:
+def run_of(resume: str | Path, flag: str = "resume") -> tuple[Path, Path | None]:
+    """(run directory, checkpoint) a resume path names: a stage checkpoint, or a run directory and its newest valid
+    checkpoint (None when it has none yet)."""
+    path = Path(resume)
+    if (path / "meta.json").is_file() or (path / ckpt.MANIFEST).is_file():
+        return path.parent.parent, path
+    if (path / rundir.CONFIG_FILE).is_file():
+        return path, ckpt.latest_valid(path)
+    raise ConfigError(f"{flag} {str(resume)!r}: not a run directory (no config.yaml) nor a stage checkpoint")
+
+
+def resolve(
+    cfg: Config, out: str | Path | None, resume: str | Path | None, flag: str = "resume"
+) -> tuple[Path | None, bool, Path | None]:
     """(run directory or None for a new one, whether it holds a run to go on with, checkpoint to resume from).
 
     `resume`: None starts a new run in `out`; "auto" goes on in `out` (or the newest run of cfg's name under runs/)
-    when it holds this config's run, else starts afresh; a path names a run directory or a stage checkpoint."""
+    when it holds this config's run, else starts afresh; a path names a run directory or a stage checkpoint.
+    Only this run: never an older or another config's run. `flag` names the option in error messages."""
     if resume is None:
         return (Path(out) if out else None), False, None
     if str(resume) != "auto":
-        path = Path(resume)
-        if (path / "meta.json").is_file() or (path / ckpt.MANIFEST).is_file():
-            run_dir, found = path.parent.parent, path
-        elif (path / rundir.CONFIG_FILE).is_file():
-            run_dir, found = path, ckpt.latest_valid(path)
-        else:
-            raise ConfigError(f"resume {str(resume)!r}: not a run directory (no config.yaml) nor a stage checkpoint")
-        rundir.check_same_config(run_dir, cfg, f"resume {resume}")
+        run_dir, found = run_of(resume, flag)
+        rundir.check_same_config(run_dir, cfg, f"{flag} {resume}")
         return run_dir, True, found
     run_dir = Path(out) if out else rundir.newest_run(Path("runs"), cfg.name)
     if run_dir is not None and (run_dir / rundir.CONFIG_FILE).is_file():
-        rundir.check_same_config(run_dir, cfg, "resume auto")
+        rundir.check_same_config(run_dir, cfg, f"{flag} auto")
         found = ckpt.latest_valid(run_dir)
         if found is not None or out:  # `out` names this run's own directory: go on in it, even from 0
             return run_dir, True, found

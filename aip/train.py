@@ -87,36 +87,26 @@ def _resolve(args: argparse.Namespace):
     from aip import checkpoint as ckpt
     from aip import rundir
     from aip.config import ConfigError, load_config
+    from aip.runner import resolve, run_of
 
     if args.resume and args.from_stage:
         raise ConfigError("--resume and --from-stage exclude each other: resume goes on in a run, from-stage branches")
     if args.resume and args.overwrite:
         raise ConfigError("--resume and --overwrite exclude each other: overwrite starts the run directory afresh")
-    branch = None
     if args.resume and args.resume != "auto":
-        path = Path(args.resume)
-        if (path / "meta.json").is_file() or (path / ckpt.MANIFEST).is_file():
-            run_dir, resume = path.parent.parent, path
-        elif (path / rundir.CONFIG_FILE).is_file():
-            run_dir, resume = path, ckpt.latest_valid(path)
-        else:
-            raise ConfigError(f"--resume {args.resume!r}: not a run directory (no config.yaml) nor a stage checkpoint")
+        run_dir, _ = run_of(args.resume, "--resume")
         cfg = load_config(args.config or run_dir / rundir.CONFIG_FILE, args.overrides)
-        rundir.check_same_config(run_dir, cfg, f"--resume {args.resume}")
+        run_dir, _, resume = resolve(cfg, None, args.resume, "--resume")
         if resume is None:
             print(f"{run_dir} has no valid stage checkpoint yet: starting that run over in it")
         return cfg, run_dir, resume, None
     if args.config is None:
         raise ConfigError("--config is required (e.g. --config configs/debug.yaml), except with --resume DIR")
     cfg = load_config(args.config, args.overrides)
-    if args.resume == "auto":
-        # Only this run: --out, or the newest run of this config's name; never an older or another config's run.
-        run_dir = Path(args.out) if args.out else rundir.newest_run(Path("runs"), cfg.name)
-        if run_dir is not None and (run_dir / rundir.CONFIG_FILE).is_file():
-            rundir.check_same_config(run_dir, cfg, "--resume auto")
-            found = ckpt.latest_valid(run_dir)
-            if found is not None or args.out:  # --out names this run's own directory: go on in it, even from 0
-                return cfg, run_dir, found, None
+    run_dir, existing, found = resolve(cfg, args.out, args.resume, "--resume")
+    if existing:
+        return cfg, run_dir, found, None
+    branch = None
     if args.from_stage:
         branch = Path(args.from_stage)
         ckpt.read(branch)  # fails early, with its reason, on a missing or damaged checkpoint
