@@ -4,7 +4,6 @@ rules; `aip.load_config` reads a recipe with dotted overrides."""
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,6 +16,7 @@ from aip.config import Config, ConfigError
 from aip.config import load_config as _load_config
 from aip.data import DataBundle, eval_view
 from aip.runner import execute, resolve
+from aip.session import output_classes
 
 
 @dataclass
@@ -45,16 +45,6 @@ def _first_sample(data: Dataset, what: str) -> torch.Tensor:
     if sample[0].dim() != 3:
         raise ConfigError(f"{what}: images must be (C, H, W) tensors, got shape {tuple(sample[0].shape)}")
     return sample[0]
-
-
-def _classes(model: nn.Module, example: torch.Tensor) -> int:
-    """The class count: the width of the model's output on one example (a probe on a copy, in eval mode)."""
-    probe = copy.deepcopy(model).eval()
-    with torch.no_grad():
-        out = probe(example.unsqueeze(0))
-    if not (torch.is_tensor(out) and out.dim() == 2):
-        raise ConfigError(f"teacher: must return (N, classes) logits, got {getattr(out, 'shape', type(out))}")
-    return int(out.shape[1])
 
 
 def data_bundle(train: Dataset, val: Dataset, num_classes: int | None, fallback_classes: int) -> DataBundle:
@@ -92,7 +82,7 @@ def run(
     data = None
     if train_data is not None:
         example = _first_sample(train_data, "train_data")
-        classes = _classes(teacher, example) if teacher is not None else None
+        classes = output_classes(teacher, example) if teacher is not None else None
         data = data_bundle(train_data, val_data, classes, cfg.data.num_classes)
     run_dir, existing, checkpoint = resolve(cfg, out, resume)
     outcome = execute(cfg, run_dir, existing, resume=checkpoint, overwrite=overwrite, model=teacher, data=data)

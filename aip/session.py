@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from aip import checkpoint as ckpt
 from aip.accel import CPU_ONLY, mixed_precision, process_group_kwargs
 from aip.checks import check_names
-from aip.config import Config, save_config
+from aip.config import Config, ConfigError, save_config
 from aip.data import DataBundle, build_data
 from aip.export import EXPORT_FILE, write_exports
 from aip.export import FILES as EXPORT_FILES
@@ -57,6 +57,16 @@ def topk_correct(logits: torch.Tensor, labels: torch.Tensor, ks: tuple[int, ...]
     top = logits.topk(min(max(ks), logits.shape[1]), dim=1).indices
     hits = top.eq(labels[:, None])
     return [hits[:, :k].any(dim=1).sum() for k in ks]
+
+
+def output_classes(model: nn.Module, example: torch.Tensor) -> int:
+    """The class count of a classifier: the width of its output on one example (a probe on a copy, in eval mode)."""
+    probe = copy.deepcopy(model).eval()
+    with torch.no_grad():
+        out = probe(example.unsqueeze(0))
+    if not (torch.is_tensor(out) and out.dim() == 2):
+        raise ConfigError(f"teacher: must return (N, classes) logits, got {getattr(out, 'shape', type(out))}")
+    return int(out.shape[1])
 
 
 def _tracker_config(cfg: Config) -> dict[str, Any]:
@@ -104,6 +114,20 @@ class Session:
             project_dir=str(self.run_dir),
         )
         self.main = self.accelerator.is_main_process
+        set_seed(cfg.seed)
+        self.data: DataBundle = data if data is not None else build_data(cfg.data)
+        self.example = self.data.train[0][0].unsqueeze(0)
+        self.model = copy.deepcopy(model) if model is not None else None
+        classes = output_classes(model, self.example[0]) if model is not None else self.data.num_classes
+        if classes != self.data.num_classes:
+            raise ConfigError(
+                f"teacher: returns {classes} classes, the data has {self.data.num_classes} "
+                "(data.num_classes, or give train_data and val_data)"
+            )
+        if self.model is not None and self.accelerator.num_processes > 1:
+            with torch.no_grad():  # rank 0's weights on every process: each built its instance on its own
+                for tensor in self.model.state_dict().values():
+                    tensor.copy_(broadcast(tensor.to(self.accelerator.device)))
         if self.main:  # a run directory's config is written once, by the run that starts it; resume keeps it
             self.run_dir.mkdir(parents=True, exist_ok=True)
             if not (self.run_dir / "config.yaml").exists():
@@ -115,14 +139,6 @@ class Session:
             for tracker in self.accelerator.trackers:  # the config as hyperparameters; TensorBoard has config.yaml
                 if tracker.name != "tensorboard":
                     tracker.store_init_configuration(_tracker_config(cfg))
-        set_seed(cfg.seed)
-        self.data: DataBundle = data if data is not None else build_data(cfg.data)
-        self.example = self.data.train[0][0].unsqueeze(0)
-        self.model = copy.deepcopy(model) if model is not None else None
-        if self.model is not None and self.accelerator.num_processes > 1:
-            with torch.no_grad():  # rank 0's weights on every process: each built its instance on its own
-                for tensor in self.model.state_dict().values():
-                    tensor.copy_(broadcast(tensor.to(self.accelerator.device)))
         self.state = RunState()
         self._loader_gen = torch.Generator()
         self._batches = SeededBatches(self.data.train)  # each batch fetched with seeds of its own: see seed
@@ -232,7 +248,12 @@ class Session:
         check_state(str(path), model.state_dict())
         if self.main:
             tmp = path.with_name(path.name + ".tmp")
-            payload = {"model": self.cfg.model.name, "num_classes": self.data.num_classes}
+            name = (
+                self.cfg.model.name
+                if self.model is None
+                else f"{type(self.model).__module__}:{type(self.model).__qualname__}"
+            )
+            payload = {"model": name, "num_classes": self.data.num_classes}
             torch.save({**payload, "state_dict": model.state_dict()}, tmp)
             tmp.replace(path)
         self.accelerator.wait_for_everyone()

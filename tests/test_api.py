@@ -123,9 +123,12 @@ def test_acp_mode_takes_the_users_model(tmp_path: Path) -> None:
     assert result.report["stages"][0]["flops"] <= 0.5 * result.report["teacher"]["flops"]
 
 
-def test_one_data_set_alone_is_refused(tmp_path: Path) -> None:
+def test_one_data_set_alone_or_a_model_that_does_not_fit_the_data_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="train_data and val_data"):
         aip.run(_cfg(), teacher=UserNet(), train_data=_data(8, 1), out=tmp_path / "x")
+    with pytest.raises(ConfigError, match=r"teacher: returns 3 classes, the data has 4 \(data.num_classes"):
+        aip.run(_cfg(), teacher=UserNet(), out=tmp_path / "y")  # the config's synthetic data: 4 classes
+    assert not (tmp_path / "y" / "config.yaml").exists()  # refused before the run directory held a run
 
 
 def test_report_to_knows_accelerates_trackers_and_names_a_missing_package(monkeypatch: pytest.MonkeyPatch) -> None:
