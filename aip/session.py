@@ -62,8 +62,9 @@ def topk_correct(logits: torch.Tensor, labels: torch.Tensor, ks: tuple[int, ...]
 def output_classes(model: nn.Module, example: torch.Tensor) -> int:
     """The class count of a classifier: the width of its output on one example (a probe on a copy, in eval mode)."""
     probe = copy.deepcopy(model).eval()
+    device = next((p.device for p in probe.parameters()), example.device)  # a model the user left on a GPU
     with torch.no_grad():
-        out = probe(example.unsqueeze(0))
+        out = probe(example.unsqueeze(0).to(device))
     if not (torch.is_tensor(out) and out.dim() == 2):
         raise ConfigError(f"teacher: must return (N, classes) logits, got {getattr(out, 'shape', type(out))}")
     return int(out.shape[1])
