@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from accelerate.state import AcceleratorState, GradientState
 from accelerate.utils import LoggerType
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch import nn
@@ -21,6 +22,7 @@ import aip
 from aip.api import Result
 from aip.config import TRACKERS, Config, ConfigError, config_from_dict
 from aip.rundir import RunDirError
+from aip.session import Session
 from tests.conftest import tiny_run
 
 REPO = Path(__file__).resolve().parent.parent
@@ -101,6 +103,33 @@ def test_an_existing_run_directory_needs_resume_or_overwrite(user_run) -> None:
         aip.run(_cfg(), teacher=model, out=result.run_dir, **data)
     again = aip.run(_cfg(), teacher=model, out=result.run_dir, resume="auto", **data)  # finished: trains nothing
     assert again.report == result.report
+
+
+class Killed(Exception):
+    """Stands for SIGKILL right after a mid-stage checkpoint."""
+
+
+def test_a_killed_api_run_resumes_to_the_same_table(user_run, tmp_path: Path, monkeypatch) -> None:
+    _, _, reference = user_run
+    torch.manual_seed(0)
+    model = UserNet()  # the same weights as the reference run's teacher
+    data = {"train_data": _data(192, 1), "val_data": _data(96, 2)}
+    cfg = _cfg(**{"checkpoint.every_n_steps": 3})  # a neutral key: the result is the reference's
+    save = Session.save_checkpoint
+
+    def save_then_die(self, stage, history, step=None, partial=None):
+        save(self, stage, history, step, partial)
+        if partial is not None:
+            raise Killed
+
+    with monkeypatch.context() as patch:
+        patch.setattr(Session, "save_checkpoint", save_then_die)
+        with pytest.raises(Killed):
+            aip.run(cfg, teacher=model, out=tmp_path / "r", **data)
+    GradientState._reset_state()  # the killed run's data loaders never finished their iteration
+    AcceleratorState._reset_state()
+    resumed = aip.run(cfg, teacher=model, out=tmp_path / "r", resume="auto", **data)
+    assert resumed.report == reference.report
 
 
 def test_train_and_eval_modes_take_the_users_model(tmp_path: Path) -> None:
