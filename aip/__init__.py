@@ -1,3 +1,19 @@
-"""aip: structured channel pruning with adversarial knowledge distillation."""
+"""aip: structured channel pruning with adversarial knowledge distillation.
+
+`aip.load_config(path, overrides)` and `aip.run(cfg, teacher=..., train_data=..., val_data=..., out=...)` are the
+Python API (aip/api.py); they are imported on first use, so `import aip` alone stays light."""
+
+from __future__ import annotations
+
+from typing import Any
 
 __version__ = "0.1.0"
+__all__ = ["load_config", "run"]
+
+
+def __getattr__(name: str) -> Any:
+    if name in __all__:
+        from aip import api
+
+        return getattr(api, name)
+    raise AttributeError(f"module 'aip' has no attribute {name!r}")

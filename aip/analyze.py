@@ -13,11 +13,15 @@ import copy
 import json
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
+if TYPE_CHECKING:
+    from aip.session import Session
 
-def _load(engine, path: Path) -> torch.nn.Module:
+
+def _load(session: Session, path: Path) -> torch.nn.Module:
     """The model in a weights file, or the pruned student of a stage checkpoint (history replayed, weights loaded)."""
     from safetensors.torch import load_file
 
@@ -27,33 +31,34 @@ def _load(engine, path: Path) -> torch.nn.Module:
 
     if path.is_dir():
         history, _ = ckpt.read(path)
-        model = engine.new_model()
-        ChannelPruner(model, engine.example, [classifier_of(model)]).replay(history)
+        model = session.new_model()
+        ChannelPruner(model, session.example, [classifier_of(model)]).replay(history)
         model.load_state_dict(load_file(str(path / ckpt.STATE_DIR / "model.safetensors")))
         return model
-    return engine.load_weights(path)
+    return session.load_weights(path)
 
 
 def analyze(config: str, checkpoint: str, overrides: list[str], out: str | None) -> int:
     from aip.config import load_config
-    from aip.engine import Engine
+    from aip.methods.recovery import calibration
     from aip.models import classifier_of
     from aip.prune.capacity import estimate_capacity
     from aip.prune.cost import model_cost
     from aip.prune.importance import create_importance
     from aip.prune.pruner import ChannelPruner
+    from aip.session import Session
 
     cfg = load_config(config, overrides)
     path = Path(checkpoint)
     if not path.exists():
         raise FileNotFoundError(f"--checkpoint {checkpoint!r}: no such file or directory")
     out_dir = Path(out) if out else (path if path.is_dir() else path.parent).parent / "analysis"
-    engine = Engine(cfg, out_dir)
-    model = _load(engine, path).to(engine.accelerator.device)
-    example = engine.example.to(engine.accelerator.device)
+    session = Session(cfg, out_dir)
+    model = _load(session, path).to(session.accelerator.device)
+    example = session.example.to(session.accelerator.device)
     pruner = ChannelPruner(model, example, [classifier_of(model)], cfg.prune.max_layer_ratio)
     cap = cfg.prune.capacity
-    found = estimate_capacity(model, pruner.root_modules(), engine._calibrate(0, cap.batches), cap.tau, cap.safety)
+    found = estimate_capacity(model, pruner.root_modules(), calibration(session, 0, cap.batches), cap.tau, cap.safety)
 
     probe = copy.deepcopy(model)
     probe_pruner = ChannelPruner(probe, example, [classifier_of(probe)], max_layer_ratio=0.999)
@@ -82,7 +87,7 @@ def analyze(config: str, checkpoint: str, overrides: list[str], out: str | None)
     ]
     report = "\n".join(lines)
     print(report)
-    if engine.main:
+    if session.main:
         (out_dir / "capacity.md").write_text(report + "\n")
         (out_dir / "capacity.json").write_text(
             json.dumps(

@@ -2,12 +2,14 @@
 
 `aip.config` validates values and imports no registry, so that the registries (which import `aip.config`) never
 import it back; this module sits above both. Everything that runs a job calls `check_names` before any work:
-`aip/train.py` before it claims a run directory, and `Engine.__init__` for every other caller.
+`aip/runner.py` before it claims a run directory, and `Session.__init__` for every other caller.
 """
 
 from __future__ import annotations
 
-from aip.config import Config
+import importlib.util
+
+from aip.config import TRACKERS, Config
 from aip.data import DATASETS
 from aip.errors import ConfigError
 from aip.models import check_model_name
@@ -41,5 +43,16 @@ def check_names(cfg: Config, dataset: bool = True) -> None:
     _one_of("prune.criterion", cfg.prune.criterion, IMPORTANCES.names())
     saliency = [n for n in IMPORTANCES.names() if n not in LIKENESS_CRITERIA]
     _one_of("prune.hybrid.saliency", cfg.prune.hybrid.saliency, saliency)
+    check_trackers(cfg)
     if dataset:
         DATASETS.get(cfg.data.name).validate(cfg.data)
+
+
+def check_trackers(cfg: Config) -> None:
+    """Every tracker of `logging.report_to` must have its package installed: a one-line error naming it."""
+    for tracker in cfg.logging.report_to:
+        if importlib.util.find_spec(tracker) is None:
+            raise ConfigError(
+                f"logging.report_to: {tracker} needs its package: pip install {TRACKERS[tracker]} "
+                "(or drop it from logging.report_to)"
+            )

@@ -275,6 +275,17 @@ class ExportConfig:
 
 
 @dataclass
+class LoggingConfig:
+    """Where the scalars go (every loss term, lr, accuracy, params and FLOPs per stage), through Accelerate."""
+
+    report_to: list[str] = option(
+        ["tensorboard"],
+        "Accelerate trackers: tensorboard (event files in <run>/tb/), wandb, mlflow, aim, comet_ml, clearml, "
+        "dvclive, swanlab, trackio (each needs its package installed); []: none",
+    )
+
+
+@dataclass
 class Config:
     """A run: what it does, with which model, data, losses and pruning."""
 
@@ -293,6 +304,7 @@ class Config:
     acp: AcpConfig = option(AcpConfig, "mode acp: the width search")
     checkpoint: CheckpointConfig = option(CheckpointConfig, "stage checkpoints")
     export: ExportConfig = option(ExportConfig, "the exported pruned model")
+    logging: LoggingConfig = option(LoggingConfig, "experiment trackers")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -310,6 +322,18 @@ SIMILARITY_SOURCES = ("weights", "features")
 CAPACITY_MODES = ("cap", "hierarchical")
 ACTIVATION_MODES = ("fraction", "threshold")
 EXPORT_FORMATS = ("pt2", "onnx")
+# Accelerate's trackers (accelerate.utils.LoggerType less "all") and the pip package each needs.
+TRACKERS = {
+    "tensorboard": "tensorboard",
+    "wandb": "wandb",
+    "mlflow": "mlflow",
+    "aim": "aim",
+    "comet_ml": "comet-ml",
+    "clearml": "clearml",
+    "dvclive": "dvclive",
+    "swanlab": "swanlab",
+    "trackio": "trackio",
+}
 
 
 def _describe(tp: Any) -> str:
@@ -487,6 +511,10 @@ def validate(cfg: Config) -> None:
         _choice(f"export.formats[{i}]", fmt, EXPORT_FORMATS)
     if len(set(cfg.export.formats)) < len(cfg.export.formats):
         raise ConfigError(f"export.formats: each format once, got {cfg.export.formats}")
+    for i, tracker in enumerate(cfg.logging.report_to):
+        _choice(f"logging.report_to[{i}]", tracker, tuple(TRACKERS))
+    if len(set(cfg.logging.report_to)) < len(cfg.logging.report_to):
+        raise ConfigError(f"logging.report_to: each tracker once, got {cfg.logging.report_to}")
 
     for key, ratio in (
         ("prune.target_flops_ratio", cfg.prune.target_flops_ratio),
@@ -574,8 +602,6 @@ def _validate_user_model(cfg: Config) -> None:
     """The keys of your own model, checkpoint and normalisation that need no data to check."""
     if any(old == "" for old in cfg.model.checkpoint_rename):
         raise ConfigError("model.checkpoint_rename: an empty key renames nothing; give the substring to replace")
-    if cfg.mode == "eval" and cfg.model.teacher_checkpoint is None:
-        raise ConfigError("model.teacher_checkpoint: required in mode eval (the weights to evaluate)")
     for key in ("mean", "std"):
         values = getattr(cfg.data, key)
         if values is not None and not values:

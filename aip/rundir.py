@@ -34,6 +34,7 @@ NEUTRAL_KEYS = (
     "checkpoint.every_n_steps",
     "data.num_workers",
     "data.eval_batch_size",
+    "logging",  # where the scalars go
     "export",  # which files the final model is written as: a resume of a finished run writes the missing ones
 )
 _STAMP = "%Y%m%d-%H%M%S"

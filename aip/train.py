@@ -1,6 +1,6 @@
 """Entry point: `python aip/train.py --config configs/debug.yaml`, or the same under `accelerate launch`.
 
-Thin by design: parse flags, resolve the config and the run directory, hand over to the engine, and turn every
+Thin by design: parse flags, resolve the config and the run directory, hand over to `aip.runner`, and turn every
 expected failure (bad config, missing data, damaged checkpoint) into one `error:` line and exit status 2.
 """
 
@@ -87,114 +87,60 @@ def _resolve(args: argparse.Namespace):
     from aip import checkpoint as ckpt
     from aip import rundir
     from aip.config import ConfigError, load_config
+    from aip.runner import resolve, run_of
 
     if args.resume and args.from_stage:
         raise ConfigError("--resume and --from-stage exclude each other: resume goes on in a run, from-stage branches")
     if args.resume and args.overwrite:
         raise ConfigError("--resume and --overwrite exclude each other: overwrite starts the run directory afresh")
-    branch = None
     if args.resume and args.resume != "auto":
-        path = Path(args.resume)
-        if (path / "meta.json").is_file() or (path / ckpt.MANIFEST).is_file():
-            run_dir, resume = path.parent.parent, path
-        elif (path / rundir.CONFIG_FILE).is_file():
-            run_dir, resume = path, ckpt.latest_valid(path)
-        else:
-            raise ConfigError(f"--resume {args.resume!r}: not a run directory (no config.yaml) nor a stage checkpoint")
+        run_dir, _ = run_of(args.resume, "--resume")
         cfg = load_config(args.config or run_dir / rundir.CONFIG_FILE, args.overrides)
-        rundir.check_same_config(run_dir, cfg, f"--resume {args.resume}")
+        run_dir, _, resume = resolve(cfg, None, args.resume, "--resume")
         if resume is None:
             print(f"{run_dir} has no valid stage checkpoint yet: starting that run over in it")
         return cfg, run_dir, resume, None
     if args.config is None:
         raise ConfigError("--config is required (e.g. --config configs/debug.yaml), except with --resume DIR")
     cfg = load_config(args.config, args.overrides)
-    if args.resume == "auto":
-        # Only this run: --out, or the newest run of this config's name; never an older or another config's run.
-        run_dir = Path(args.out) if args.out else rundir.newest_run(Path("runs"), cfg.name)
-        if run_dir is not None and (run_dir / rundir.CONFIG_FILE).is_file():
-            rundir.check_same_config(run_dir, cfg, "--resume auto")
-            found = ckpt.latest_valid(run_dir)
-            if found is not None or args.out:  # --out names this run's own directory: go on in it, even from 0
-                return cfg, run_dir, found, None
+    run_dir, existing, found = resolve(cfg, args.out, args.resume, "--resume")
+    if existing:
+        return cfg, run_dir, found, None
+    branch = None
     if args.from_stage:
         branch = Path(args.from_stage)
         ckpt.read(branch)  # fails early, with its reason, on a missing or damaged checkpoint
     return cfg, None, None, branch
 
 
-def _claim(state, run_dir: Path, cfg, existing: bool, overwrite: bool):
-    """Rank 0 locks the run directory (and checks or empties it for a new run); every rank learns the outcome."""
-    from accelerate.utils import broadcast_object_list
-
-    from aip import rundir
-
-    held = error = None
-    if state.is_main_process:
-        try:
-            held = rundir.claim(run_dir, cfg, existing, overwrite)
-        except rundir.RunDirError as exc:
-            error = str(exc)
-    if state.num_processes > 1:
-        box = [error]
-        broadcast_object_list(box)
-        error = box[0]
-    if error is not None:
-        raise rundir.RunDirError(error)
-    return held
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.print_config:
         return print_config(args)
-    from accelerate import PartialState
-    from accelerate.utils import broadcast_object_list
-
-    from aip import rundir
     from aip.checkpoint import CheckpointError
-    from aip.checks import check_names
     from aip.config import ConfigError
     from aip.guards import NonFiniteError
     from aip.images import DataError
+    from aip.methods.recovery import RankMismatchError
     from aip.prune.pruner import PruningError
     from aip.registry import UnknownNameError
+    from aip.runner import execute
 
-    expected = (ConfigError, UnknownNameError, CheckpointError, PruningError, DataError, NonFiniteError)
-    held = None
+    expected = (
+        ConfigError,
+        UnknownNameError,
+        CheckpointError,
+        PruningError,
+        DataError,
+        NonFiniteError,
+        RankMismatchError,
+    )
     try:
         cfg, run_dir, resume, branch = _resolve(args)
-        check_names(cfg)  # registry names and the data set's files, before a run directory is claimed
-        if cfg.mode == "eval" and (resume is not None or branch is not None):
-            raise ConfigError("mode eval measures model.teacher_checkpoint; it takes no --resume or --from-stage")
-        from aip.accel import CPU_ONLY, mixed_precision, process_group_kwargs
-
-        mixed_precision(cfg)  # a config that contradicts the launcher's precision stops here, before any work
-        state = PartialState(cpu=CPU_ONLY, **process_group_kwargs(cfg))
         existing = run_dir is not None
-        if run_dir is None:
-            run_dir = Path(args.out or cfg.out or rundir.new_run_dir(Path("runs"), cfg.name))
-            if state.num_processes > 1:  # every rank must write into the directory rank 0 named
-                box = [str(run_dir)]
-                broadcast_object_list(box)
-                run_dir = Path(box[0])
-        held = _claim(state, run_dir, cfg, existing, args.overwrite)
-        from aip.engine import Engine, RankMismatchError
-
-        expected = (*expected, RankMismatchError)
-        engine = Engine(cfg, run_dir)
-        if cfg.mode == "eval":
-            from aip.evaluate_run import run_eval
-
-            run_eval(engine)
-        elif cfg.mode == "train":
-            engine.run_train()
-        elif cfg.mode == "acp":
-            if branch is not None:
-                raise ConfigError("--from-stage branches an AIP run; mode acp searches its structure from the teacher")
-            engine.run_acp(resume=resume)
-        else:
-            engine.run_aip(resume=resume, branch=branch)
+        if run_dir is None and args.out:
+            run_dir = Path(args.out)
+        execute(cfg, run_dir, existing, resume=resume, branch=branch, overwrite=args.overwrite)
     except expected as exc:
         print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)
         return 2
@@ -203,9 +149,6 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"error: {exc.filename or 'writing'}: {exc.strerror}; free some space and resume", file=sys.stderr)
         return 2
-    finally:
-        if held is not None:
-            held.release()
     return 0
 
 

@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from aip.config import LossConfig  # noqa: E402
 from aip.distill.discriminator import Discriminator  # noqa: E402
 from aip.distill.features import FeatureTaps  # noqa: E402
-from aip.engine import DistillStep  # noqa: E402
+from aip.distill.step import DistillStep  # noqa: E402
 from aip.models import classifier_of, create_model, default_taps  # noqa: E402
 from aip.prune.cost import model_cost  # noqa: E402
 from aip.prune.importance import create_importance  # noqa: E402

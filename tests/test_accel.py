@@ -13,7 +13,7 @@ from accelerate.state import AcceleratorState, GradientState
 
 from aip.accel import LAUNCHER_PRECISION, mixed_precision, process_group_kwargs
 from aip.config import ConfigError, config_from_dict
-from aip.engine import Engine
+from aip.session import Session
 from aip.train import main
 from tests.conftest import tiny_run
 
@@ -47,7 +47,7 @@ def test_mixed_precision_leaves_the_launchers_choice_alone(
 def test_accelerate_launch_bf16_reaches_the_accelerator(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """`accelerate launch --mixed_precision bf16` sets ACCELERATE_MIXED_PRECISION; the config default must keep it."""
     monkeypatch.setenv(LAUNCHER_PRECISION, "bf16")
-    engine = Engine(config_from_dict(tiny_run()), tmp_path / "run")
+    engine = Session(config_from_dict(tiny_run()), tmp_path / "run")
     assert engine.accelerator.mixed_precision == "bf16"
 
 

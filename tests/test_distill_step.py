@@ -19,7 +19,7 @@ from aip import checkpoint as ckpt
 from aip.config import KDLoss, LossConfig, WeightedLoss
 from aip.distill.discriminator import Discriminator
 from aip.distill.features import FeatureTaps
-from aip.engine import DistillStep
+from aip.distill.step import DistillStep
 from aip.train import main
 from tests.conftest import tiny_run
 

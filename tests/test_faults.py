@@ -29,7 +29,7 @@ import yaml
 from accelerate.state import AcceleratorState, GradientState
 
 from aip import checkpoint as ckpt
-from aip.engine import DistillStep
+from aip.distill.step import DistillStep
 from aip.prune.pruner import ChannelPruner
 from aip.train import main
 from tests.conftest import IMAGES, exported_outputs, tiny_run

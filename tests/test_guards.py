@@ -78,7 +78,7 @@ def test_non_finite_weights_are_never_checkpointed_even_if_the_losses_looked_fin
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Gradients can overflow on a finite loss: the check before saving is the last line of defence."""
-    monkeypatch.setattr("aip.engine.check_losses", lambda *a, **k: None)
+    monkeypatch.setattr("aip.distill.step.check_losses", lambda *a, **k: None)
     overrides = {"train.teacher_epochs": 0, "train.lr": 10000.0, "prune.intervals": 1, "prune.finetune_epochs": 0}
     code, error, run_dir = _run(tmp_path, capsys, **overrides)
     assert code == 2

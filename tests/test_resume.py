@@ -14,8 +14,8 @@ import yaml
 from accelerate.state import AcceleratorState, GradientState
 
 from aip import checkpoint as ckpt
-from aip.engine import Engine
 from aip.seeding import SeededBatches
+from aip.session import Session
 from aip.train import main
 from tests.conftest import exported_outputs, tiny_run
 
@@ -51,7 +51,7 @@ def assert_same_run(run_dir: Path, reference: Path) -> None:
 
 def _run_killed_after(monkeypatch: pytest.MonkeyPatch, argv: list[str], mid_stage: int) -> None:
     """Run `argv` in this process and stop it (as if killed) right after the `mid_stage`-th mid-stage checkpoint."""
-    save, seen = Engine._save, []
+    save, seen = Session.save_checkpoint, []
 
     def save_then_die(self, stage, pruner, step=None, partial=None):
         save(self, stage, pruner, step, partial)
@@ -61,7 +61,7 @@ def _run_killed_after(monkeypatch: pytest.MonkeyPatch, argv: list[str], mid_stag
                 raise Killed
 
     with monkeypatch.context() as patch:
-        patch.setattr(Engine, "_save", save_then_die)
+        patch.setattr(Session, "save_checkpoint", save_then_die)
         with pytest.raises(Killed):
             main(argv)
     GradientState._reset_state()  # the killed run's data loaders never finished their iteration
@@ -173,6 +173,6 @@ def test_checkpoints_count_optimizer_steps_and_resume_skips_seen_batches_unread(
     fetched.clear()
     assert main(["--resume", str(run_dir)]) == 0
     assert_same_run(run_dir, reference)
-    epoch_seed = (0 * 100_003 + 1 * 1_009 + 1) % 2**32  # Engine._seed(stage 1, epoch 1)
+    epoch_seed = (0 * 100_003 + 1 * 1_009 + 1) % 2**32  # Session.seed(stage 1, epoch 1)
     first = next(i for i, (seed, _) in enumerate(unbroken) if seed == epoch_seed)
     assert fetched == unbroken[first + 4 :]

@@ -377,7 +377,7 @@ def fpgm_importance(cfg: PruneConfig) -> tp.importance.Importance:
 
 @register_importance("hybrid")
 def hybrid_importance(cfg: PruneConfig) -> tp.importance.Importance:
-    """Placeholder entry so `hybrid` is a known name; the engine asks `criterion_for_interval` which one applies."""
+    """Placeholder entry so `hybrid` is a known name; the AIP method asks `criterion_for_interval` which applies."""
     raise TypeError("hybrid is a schedule of criteria: call criterion_for_interval() and create that one")
 
 

@@ -9,7 +9,7 @@
    excess over the budget; a caller may score a whole iteration's candidates at once (`evaluate_many`), sharing
    them out over processes. The swarm's state is saved after every iteration and a search resumes from it.
 
-The search knows nothing of training: the engine passes the fitness function.
+The swarm knows nothing of training: `aip.search.widths` passes the fitness function.
 """
 
 from __future__ import annotations

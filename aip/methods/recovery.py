@@ -1,0 +1,206 @@
+"""What the pruning methods share: a stage's recovery by adversarial distillation, its end (evaluate, table row,
+checkpoint), the discriminator, calibration passes, and the checks that all processes pruned alike."""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader
+
+from aip import checkpoint as ckpt
+from aip.config import ConfigError, LossConfig
+from aip.distill.discriminator import Discriminator
+from aip.distill.features import FeatureTaps
+from aip.distill.step import DistillStep
+from aip.guards import NonFiniteError
+from aip.models import default_taps
+from aip.prune.pruner import ChannelPruner
+from aip.seeding import derive_seed, seeded
+from aip.session import Session
+
+
+class RankMismatchError(RuntimeError):
+    """Processes ended a prune with different architectures; continuing would corrupt DDP."""
+
+
+@dataclass
+class Stage:
+    """One stage of the run: an optional prune to `target` (a cost ratio), then `epochs` of recovery."""
+
+    index: int
+    kind: str  # "prune", "finetune" or "acp"
+    epochs: int
+    target: float | None
+
+
+def architecture_hash(model: nn.Module) -> str:
+    """A digest of every parameter and buffer name and shape: equal iff two models have the same architecture."""
+    shapes = [(n, tuple(t.shape)) for n, t in list(model.named_parameters()) + list(model.named_buffers())]
+    return format(int(hashlib.sha256(repr(shapes).encode()).hexdigest()[:15], 16), "x")
+
+
+def check_same_architecture(session: Session, model: nn.Module, stage: int) -> list[str]:
+    """Every process's architecture digest after a prune; stops the run if they differ."""
+    digest = architecture_hash(model)
+    acc = session.accelerator
+    if acc.num_processes == 1:
+        return [digest]
+    codes = torch.tensor([int(digest, 16) % (1 << 62)], device=acc.device)
+    gathered = [format(int(c), "x") for c in acc.gather(codes)]
+    if len(set(gathered)) > 1:
+        raise RankMismatchError(
+            f"stage {stage}: processes pruned different channels (architecture digests {gathered}); "
+            "use a deterministic criterion or reduce its statistics across processes"
+        )
+    return gathered
+
+
+def calibration(session: Session, stage: int, batches: int | None = None) -> Callable[[nn.Module], None]:
+    """Forward and backward passes on fixed training batches (the same on every process); `.grad` is averaged
+    over processes. Gradient criteria read `.grad`, feature criteria and the capacity analysis hook the passes."""
+    cfg = session.cfg
+
+    def calibrate(model: nn.Module) -> None:
+        gen = torch.Generator().manual_seed(cfg.seed * 7 + stage)
+        loader = DataLoader(session.data.train, batch_size=cfg.data.batch_size, shuffle=True, generator=gen)
+        device = session.accelerator.device
+        with seeded(derive_seed(cfg.seed, "calibration", stage)):  # augmentation: not the global stream
+            for i, (x, y) in enumerate(loader):
+                if i == (batches or cfg.prune.calibration_batches):
+                    break
+                F.cross_entropy(model(x.to(device)), y.to(device)).backward()
+        for p in model.parameters():
+            if p.grad is not None:
+                p.grad = session.accelerator.reduce(p.grad, "mean")
+
+    return calibrate
+
+
+def check_taps(session: Session) -> None:
+    """`model.taps` must name modules of the configured model: checked before any training, with close names."""
+    cfg = session.cfg
+    taps = cfg.model.taps
+    if not taps or cfg.loss.at.weight == 0:
+        return
+    names = [n for n, _ in session.new_model().named_modules() if n]
+    missing = [t for t in taps if t not in names]
+    if missing:
+        close = sorted({c for t in missing for c in difflib.get_close_matches(t, names, n=4, cutoff=0.6)})
+        hint = f"close names: {', '.join(close)}" if close else f"its modules include: {', '.join(names[:12])}"
+        raise ConfigError(f"model.taps: {cfg.model.name} has no module {', '.join(map(repr, missing))}; {hint}")
+
+
+def tap_names(session: Session, student: nn.Module) -> list[str]:
+    """Modules tapped for attention transfer; none when its weight is 0 (so any model works without it)."""
+    cfg = session.cfg
+    if cfg.loss.at.weight == 0:
+        return []
+    return cfg.model.taps or default_taps(student, cfg.model.name)
+
+
+def discriminator(session: Session) -> nn.Module:
+    """A fresh discriminator initialised from a seed of its own, not from the global stream (whose state depends
+    on whether the teacher was just trained or loaded), so that a restarted run builds the same one."""
+    cfg = session.cfg
+    with seeded(derive_seed(cfg.seed, "discriminator")):
+        disc = Discriminator(session.data.num_classes, cfg.disc.hidden, cfg.disc.input)
+    return disc.to(session.accelerator.device)
+
+
+def stage_optimizers(session: Session, student: nn.Module, disc: nn.Module, epochs: int) -> list[Any]:
+    """Fresh student and discriminator optimizers and the student's lr schedule for a stage of `epochs`."""
+    cfg = session.cfg
+    opt_s = session.optimizer(student)
+    opt_d = torch.optim.Adam(disc.parameters(), lr=cfg.disc.lr, betas=(cfg.disc.beta1, cfg.disc.beta2))
+    sched = session.scheduler(opt_s, session.steps_per_epoch(session.train_loader()) * max(epochs, 1))
+    return [opt_s, opt_d, sched]
+
+
+def restore_stage(session: Session, source: Path, student: nn.Module, disc: nn.Module, epochs: int) -> None:
+    """Weights, optimizer and RNG states of the stage-end checkpoint `source`."""
+    session.restore(source, student, disc, *stage_optimizers(session, student, disc, epochs))
+
+
+def recover(
+    session: Session,
+    stage: Stage,
+    student: nn.Module,
+    teacher: nn.Module,
+    disc: nn.Module,
+    taps: list[str],
+    pruner: ChannelPruner,
+    restore: Path | None = None,
+    start: tuple[int, int] = (0, 0),
+    losses: LossConfig | None = None,
+) -> nn.Module:
+    """Train the student against the teacher and the discriminator for the stage's epochs.
+
+    With `restore` (a mid-stage checkpoint), optimizer and scheduler states come back and training goes on at
+    `start` = (epoch, batches done): that epoch is re-seeded and its first batches are skipped by index, without
+    loading them; each batch's augmentation has seeds of its own, so the rest continues as in an unbroken run.
+    `global_step` counts optimizer steps: `checkpoint.every_n_steps` and the logs go by it.
+    """
+    acc, cfg, state = session.accelerator, session.cfg, session.state
+    student_p, disc_p, opt_s, opt_d, sched, train = session.prepare(
+        student, disc, *stage_optimizers(session, student, disc, stage.epochs), session.train_loader()
+    )
+    if restore is not None:
+        acc.load_state(str(restore / ckpt.STATE_DIR))
+    every = cfg.checkpoint.every_n_steps
+    with FeatureTaps(teacher, taps) as t_taps, FeatureTaps(student, taps) as s_taps:
+        step = DistillStep(
+            acc, teacher, student_p, disc_p, disc, opt_s, opt_d, sched, t_taps, s_taps, losses or cfg.loss
+        )
+        for epoch in range(start[0], stage.epochs):
+            session.seed(stage.index, epoch)
+            student_p.train()
+            disc_p.train()
+            done = start[1] if epoch == start[0] else 0  # batches seen before the checkpoint resumed from
+            if done >= len(train):
+                continue
+            batches = acc.skip_first_batches(train, done) if done else train
+            bar = session.bar(batches, f"stage {stage.index} epoch {epoch + 1}/{stage.epochs}")
+            for batch, (x, y) in enumerate(bar, start=done):
+                try:
+                    loss, terms = step(x, y)
+                except NonFiniteError as exc:
+                    where = f"stage {stage.index} ({stage.kind}), epoch {epoch + 1}"
+                    raise NonFiniteError(f"{where}, step {state.global_step + 1}: {exc}") from None
+                if not acc.sync_gradients:
+                    continue  # a micro-batch of gradient accumulation: no optimizer step yet
+                state.global_step += 1
+                if state.global_step % cfg.train.log_every == 0:
+                    values = {k: v.item() for k, v in terms.items()}
+                    values["loss"] = loss.item()
+                    bar.set_postfix(loss=f"{values['loss']:.3f}", ce=f"{values['loss_ce']:.3f}")
+                    session.log({f"train/{k}": v for k, v in values.items()}, state.global_step)
+                    session.log({"train/lr": sched.get_last_lr()[0]}, state.global_step)
+                if every and state.global_step % every == 0:
+                    partial = {"stage": stage.index, "epoch": epoch, "batch": batch + 1}
+                    session.save_checkpoint(stage.index, pruner.history(), step=state.global_step, partial=partial)
+    return student_p
+
+
+def end_stage(
+    session: Session, stage: Stage, student: nn.Module, val: DataLoader, base: dict[str, int], pruner: ChannelPruner
+) -> None:
+    """Evaluate the recovered student, add its row to the table, log it and checkpoint the stage."""
+    top1, top5 = session.evaluate(student, val)
+    row = {"stage": stage.index, "kind": stage.kind, **session.cost(student), "top1": top1, "top5": top5}
+    session.state.rows.append(row)
+    session.state.stage = stage.index
+    session.log({"stage/top1": top1, "stage/top5": top5, "stage/params": row["params"]}, stage.index)
+    session.log({"stage/flops": row["flops"]}, stage.index)
+    session.print(
+        f"stage {stage.index} ({stage.kind}): top-1 {top1:.2f}  top-5 {top5:.2f}  "
+        f"FLOPs {row['flops'] / base['flops']:.3f}  params {row['params'] / base['params']:.3f}"
+    )
+    session.save_checkpoint(stage.index, pruner.history())

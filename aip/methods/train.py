@@ -1,0 +1,96 @@
+"""`mode: train` (plain supervised training) and the teacher of the pruning methods: the given one, a saved one, or
+one trained here first."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import torch.nn.functional as F
+from torch import nn
+
+from aip.guards import NonFiniteError, check_losses
+from aip.report import write_report
+from aip.session import Outcome, Session
+
+TEACHER_FILE = "teacher.pt"
+
+
+def train_supervised(session: Session, model: nn.Module, epochs: int, tag: str) -> nn.Module:
+    """Plain cross-entropy training (mode `train`, and the teacher of `mode: aip` when none is given)."""
+    acc, cfg = session.accelerator, session.cfg
+    raw_train = session.train_loader()
+    optimizer = session.optimizer(model)
+    scheduler = session.scheduler(optimizer, session.steps_per_epoch(raw_train) * epochs)
+    model, optimizer, scheduler, train, val = session.prepare(
+        model, optimizer, scheduler, raw_train, session.val_loader()
+    )
+    step = 0
+    for epoch in range(epochs):
+        session.seed(0, epoch)
+        model.train()
+        bar = session.bar(train, f"{tag} epoch {epoch + 1}/{epochs}", leave=False)
+        for x, y in bar:
+            with acc.accumulate(model):
+                loss = F.cross_entropy(model(x), y)
+                acc.backward(loss)
+                try:
+                    check_losses({"loss_ce": loss}, acc)  # before the step: a NaN never reaches the weights
+                except NonFiniteError as exc:
+                    raise NonFiniteError(f"{tag} training, epoch {epoch + 1}, step {step + 1}: {exc}") from None
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+            step += 1
+            if step % cfg.train.log_every == 0:
+                bar.set_postfix(loss=f"{loss.item():.3f}")
+                session.log({f"{tag}/loss_ce": loss.item(), f"{tag}/lr": scheduler.get_last_lr()[0]}, step)
+        if (epoch + 1) % cfg.train.eval_every == 0 or epoch + 1 == epochs:
+            top1, top5 = session.evaluate(model, val)
+            session.log({f"{tag}/top1": top1, f"{tag}/top5": top5}, epoch + 1)
+            session.print(f"{tag} epoch {epoch + 1}/{epochs}: top-1 {top1:.2f}  top-5 {top5:.2f}")
+    model = acc.unwrap_model(model)
+    acc.free_memory()
+    return model
+
+
+def run_train(session: Session) -> Outcome:
+    """`mode: train`: supervised training; writes model.pt (usable as model.teacher_checkpoint) and the report."""
+    model = train_supervised(session, session.new_model(), session.cfg.train.epochs, "train")
+    session.save_weights(model, session.run_dir / "model.pt")
+    device = session.accelerator.device
+    top1, top5 = session.evaluate(model.to(device), session.accelerator.prepare(session.val_loader()))
+    row = {**session.cost(model), "top1": top1, "top5": top5}
+    if session.main:
+        table = write_report(session.run_dir, row, [])
+        session.print(f"\n{table}\n\nweights: {session.run_dir / 'model.pt'}")
+    session.close()
+    return Outcome({"teacher": row, "stages": []}, model)
+
+
+def load_teacher(session: Session, source_run: Path | None = None) -> nn.Module:
+    """The frozen teacher: the given model, the configured checkpoint, this run's (or the source run's) saved one,
+    or one trained here (saved as teacher.pt)."""
+    cfg, run_dir = session.cfg, session.run_dir
+    candidates = [Path(cfg.model.teacher_checkpoint)] if cfg.model.teacher_checkpoint else []
+    candidates += [run_dir / TEACHER_FILE] + ([source_run / TEACHER_FILE] if source_run else [])
+    path = next((p for p in candidates if p.is_file()), None)
+    if session.model is not None:
+        model = session.new_model()
+    elif path is not None:
+        model = session.load_weights(path)
+    else:
+        session.print(f"no teacher checkpoint: training one for {cfg.train.teacher_epochs} epochs")
+        model = train_supervised(session, session.new_model(), cfg.train.teacher_epochs, "teacher")
+        session.save_weights(model, run_dir / TEACHER_FILE)
+    model = model.to(session.accelerator.device).eval()
+    model.requires_grad_(False)
+    return model
+
+
+def copy_teacher(source_run: Path, run_dir: Path) -> None:
+    """Give a branched run its own copy of the source run's teacher, so it stands alone."""
+    src = source_run / TEACHER_FILE
+    if src.is_file() and not (run_dir / TEACHER_FILE).exists():
+        run_dir.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(src, run_dir / TEACHER_FILE)

@@ -1,0 +1,84 @@
+"""ACP's width search under a session: the clustering start, then the particle swarm whose candidates every
+process shares out and scores by a short recovery; the swarm is saved after every iteration and resumed."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any
+
+from accelerate.utils import broadcast_object_list
+from torch import nn
+
+from aip.prune.pruner import ChannelPruner
+from aip.prune.widths import WidthCost
+from aip.search.acp import ParticleSwarm, cluster_channels, scale_to_budget
+from aip.search.fitness import SearchData, channel_responses, recovered_top1, spread
+from aip.session import Session
+
+SWARM_FILE = "acp_swarm.json"
+
+
+def search_widths(
+    session: Session, teacher: nn.Module, pruner: ChannelPruner, budget: float, metric: str, data: SearchData
+) -> tuple[dict[str, int], int]:
+    """Best widths per group under `budget`, and how many candidates this process scored.
+
+    Every process runs the same swarm: each scores its share of an iteration's candidates and all gather the
+    scores, so the search takes 1/N of the time on N processes and no process idles in a collective."""
+    acc, cfg, acp = session.accelerator, session.cfg, session.cfg.acp
+    names = list(pruner.widths())
+    upper = [pruner.original_widths[n] for n in names]
+    lower = [pruner.min_width(n) for n in names]
+    width_cost = WidthCost(pruner)
+
+    def cost(widths: list[int]) -> float:
+        return width_cost.of(dict(zip(names, widths, strict=True)), metric)
+
+    count, batch = acp.calibration_images, cfg.data.eval_batch_size
+    responses = channel_responses(pruner.model, pruner.root_modules(), data.calibration, count, batch, acc.device)
+    start = []
+    for name, lo, hi in zip(names, lower, upper, strict=True):
+        width, _ = cluster_channels(responses[name], acp.eps, acp.min_samples)
+        start.append(min(hi, max(lo, width)))
+    if acc.num_processes > 1:  # one starting point for every process's swarm, whatever its float rounding
+        box = [start]
+        broadcast_object_list(box)
+        start = box[0]
+    session.print(f"acp: clustering keeps {sum(start)}/{sum(upper)} channels, {metric} {cost(start) / cost(upper):.3f}")
+    example = session.example.to(acc.device)
+    evaluations = [0]
+
+    def score(widths: list[int]) -> float:
+        top1 = recovered_top1(cfg, teacher, dict(zip(names, widths, strict=True)), example, data)
+        return top1 / 100.0 - acp.swarm.penalty * max(0.0, cost(widths) / budget - 1.0)
+
+    def evaluate_many(candidates: list[list[int]]) -> list[float]:
+        scores, mine = spread(acc, score, candidates)
+        evaluations[0] += mine
+        return scores
+
+    def report(state: Any) -> None:
+        best = [int(w) for w in state.global_best]
+        session.log({"acp/best_fitness": state.global_fitness}, state.iteration)
+        session.print(
+            f"acp iteration {state.iteration}/{acp.swarm.iterations}: best fitness {state.global_fitness:.4f}, "
+            f"{metric} {cost(best) / cost(upper):.3f}, widths {best}"
+        )
+
+    search = {k: v for k, v in acp.__dict__.items() if k != "timeout_minutes"}  # what changes the result
+    key = hashlib.sha256(json.dumps([cfg.model.name, cfg.seed, budget, search], default=str).encode())
+    swarm = ParticleSwarm(
+        lower,
+        upper,
+        None,
+        lambda w: scale_to_budget(w, lower, cost, budget),
+        acp.swarm,
+        seed=cfg.seed,
+        state_path=session.run_dir / SWARM_FILE,
+        key=key.hexdigest()[:16],
+        evaluate_many=evaluate_many,
+        write=session.main,
+    )
+    best = swarm.run(start, report)
+    return dict(zip(names, best, strict=True)), evaluations[0]

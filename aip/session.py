@@ -1,0 +1,332 @@
+"""The Accelerate session of one run: the Accelerator and its trackers, data loaders, (re-)prepare, evaluation,
+weights and checkpoints, logging and printing. The methods (`aip/methods/`) train through it.
+
+The teacher is never prepared: it stays frozen in eval mode and is moved to the device by hand. After each prune the
+student is unwrapped, pruned in place, given fresh optimizers and prepared again (`prepare` frees what Accelerate had
+registered first, so that no stale model or optimizer is saved with the next checkpoint).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import InitProcessGroupKwargs, broadcast, set_seed
+from safetensors.torch import load_file
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from aip import checkpoint as ckpt
+from aip.accel import CPU_ONLY, mixed_precision, process_group_kwargs
+from aip.checks import check_names
+from aip.config import Config, ConfigError, save_config
+from aip.data import DataBundle, build_data
+from aip.export import EXPORT_FILE, write_exports
+from aip.export import FILES as EXPORT_FILES
+from aip.guards import check_modules, check_state
+from aip.models import create_model
+from aip.models.weights import load_into, load_state_dict_file
+from aip.prune.cost import model_cost
+from aip.report import write_report
+from aip.seeding import SeededBatches
+
+TRACKER_RUN = "tb"  # trackers log under the run directory: TensorBoard's event files in <run>/tb/
+
+
+@dataclass
+class RunState:
+    """What the loop carries from stage to stage and stores in every checkpoint's meta."""
+
+    stage: int = 0
+    global_step: int = 0
+    teacher: dict[str, Any] = field(default_factory=dict)
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    pruning_log: list[dict[str, Any]] = field(default_factory=list)
+    capacity: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
+def topk_correct(logits: torch.Tensor, labels: torch.Tensor, ks: tuple[int, ...] = (1, 5)) -> list[torch.Tensor]:
+    """How many of `labels` are among the top-k `logits`, for each k."""
+    top = logits.topk(min(max(ks), logits.shape[1]), dim=1).indices
+    hits = top.eq(labels[:, None])
+    return [hits[:, :k].any(dim=1).sum() for k in ks]
+
+
+def output_classes(model: nn.Module, example: torch.Tensor) -> int:
+    """The class count of a classifier: the width of its output on one example (a probe on a copy, in eval mode)."""
+    probe = copy.deepcopy(model).eval()
+    device = next((p.device for p in probe.parameters()), example.device)  # a model the user left on a GPU
+    with torch.no_grad():
+        out = probe(example.unsqueeze(0).to(device))
+    if not (torch.is_tensor(out) and out.dim() == 2):
+        raise ConfigError(f"teacher: must return (N, classes) logits, got {getattr(out, 'shape', type(out))}")
+    return int(out.shape[1])
+
+
+def _tracker_config(cfg: Config) -> dict[str, Any]:
+    """The config as flat scalars, what every tracker's hyperparameter store takes."""
+    out: dict[str, Any] = {}
+
+    def walk(node: Any, prefix: str) -> None:
+        if isinstance(node, dict):
+            for key, value in node.items():
+                walk(value, f"{prefix}{key}.")
+        else:
+            out[prefix[:-1]] = node if isinstance(node, (bool, int, float, str)) else str(node)
+
+    walk(cfg.to_dict(), "")
+    return out
+
+
+@dataclass
+class Outcome:
+    """What a method hands back: the report (report.json's dict) and the model it made (the recovered student)."""
+
+    report: dict[str, Any]
+    model: nn.Module
+    run_dir: Path | None = None
+
+
+class Session:
+    """One run's Accelerator, data and run directory; `model` and `data` (objects) take the place of the config's
+    names when given: the model is deep-copied, never modified."""
+
+    def __init__(
+        self, cfg: Config, run_dir: Path, data: DataBundle | None = None, model: nn.Module | None = None
+    ) -> None:
+        check_names(cfg, dataset=data is None)  # the registry names before any work, for every caller
+        self.cfg = cfg
+        self.run_dir = Path(run_dir)
+        group = process_group_kwargs(cfg)
+        trackers = list(cfg.logging.report_to)
+        self.accelerator = Accelerator(
+            cpu=CPU_ONLY,
+            mixed_precision=mixed_precision(cfg),
+            gradient_accumulation_steps=cfg.train.grad_accum_steps,
+            kwargs_handlers=[InitProcessGroupKwargs(**group)] if group else None,
+            log_with=trackers or None,
+            project_dir=str(self.run_dir),
+        )
+        self.main = self.accelerator.is_main_process
+        set_seed(cfg.seed)
+        self.data: DataBundle = data if data is not None else build_data(cfg.data)
+        self.example = self.data.train[0][0].unsqueeze(0)
+        self.model = copy.deepcopy(model) if model is not None else None
+        classes = output_classes(model, self.example[0]) if model is not None else self.data.num_classes
+        if classes != self.data.num_classes:
+            raise ConfigError(
+                f"teacher: returns {classes} classes, the data has {self.data.num_classes} "
+                "(data.num_classes, or give train_data and val_data)"
+            )
+        if self.model is not None and self.accelerator.num_processes > 1:
+            with torch.no_grad():  # rank 0's weights on every process: each built its instance on its own
+                for tensor in self.model.state_dict().values():
+                    tensor.copy_(broadcast(tensor.to(self.accelerator.device)))
+        if self.main:  # a run directory's config is written once, by the run that starts it; resume keeps it
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            if not (self.run_dir / "config.yaml").exists():
+                save_config(cfg, self.run_dir / "config.yaml")
+        self.accelerator.wait_for_everyone()
+        self.tracking = bool(trackers)
+        if self.tracking:
+            self.accelerator.init_trackers(TRACKER_RUN)
+            for tracker in self.accelerator.trackers:  # the config as hyperparameters; TensorBoard has config.yaml
+                if tracker.name != "tensorboard":
+                    tracker.store_init_configuration(_tracker_config(cfg))
+        self.state = RunState()
+        self._loader_gen = torch.Generator()
+        self._batches = SeededBatches(self.data.train)  # each batch fetched with seeds of its own: see seed
+
+    # ------------------------------------------------------------- output
+    def log(self, values: dict[str, float], step: int) -> None:
+        """Scalars to every configured tracker (rank 0 only, through Accelerate)."""
+        if self.tracking:
+            self.accelerator.log(values, step=step)
+
+    def print(self, *args: Any) -> None:
+        self.accelerator.print(*args)
+
+    def bar(self, iterable: Any, desc: str, leave: bool = True) -> tqdm:
+        """A progress bar on rank 0, on a terminal only: in a log or a pipe it would be stray text before an error."""
+        return tqdm(iterable, desc=desc, disable=None if self.main else True, leave=leave)
+
+    def close(self) -> None:
+        """End the trackers (flushes their files); safe to call twice. Not `end_training()`, which also destroys
+        the process group: a script that calls `aip.run` under `accelerate launch` may still need it."""
+        if self.tracking:
+            for tracker in self.accelerator.trackers:
+                tracker.finish()
+            self.tracking = False
+
+    # -------------------------------------------------------------- data
+    def seed(self, stage: int, epoch: int) -> None:
+        """Seed everything from (seed, stage, epoch) so a resumed stage draws the same data as an unbroken run:
+        the shuffle, and each training batch's augmentation (seeded from this value and the batch's indices, so a
+        resumed epoch skips its first batches by index and still draws what follows them)."""
+        value = (self.cfg.seed * 100_003 + stage * 1_009 + epoch) % 2**32  # NumPy takes seeds below 2**32
+        set_seed(value)
+        self._loader_gen.manual_seed(value)
+        self._batches.seed = value
+
+    def train_loader(self) -> DataLoader:
+        return DataLoader(
+            self._batches,
+            batch_size=self.cfg.data.batch_size,
+            shuffle=True,
+            drop_last=True,
+            num_workers=self.cfg.data.num_workers,
+            generator=self._loader_gen,
+        )
+
+    def val_loader(self) -> DataLoader:
+        return DataLoader(
+            self.data.val, batch_size=self.cfg.data.eval_batch_size, num_workers=self.cfg.data.num_workers
+        )
+
+    def steps_per_epoch(self, loader: DataLoader) -> int:
+        """Optimizer steps per epoch on one process, for a loader not yet sharded by `prepare`."""
+        per_process = math.ceil(len(loader) / self.accelerator.num_processes)
+        return max(1, per_process // self.cfg.train.grad_accum_steps)
+
+    # ------------------------------------------------------------ models
+    def new_model(self) -> nn.Module:
+        """A model of the configured family, or a copy of the given model instance (with its weights)."""
+        if self.model is not None:
+            return copy.deepcopy(self.model)
+        m = self.cfg.model
+        return create_model(m.name, self.data.num_classes, self.data.input_shape[0], m.kwargs, self.example)
+
+    def optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
+        t = self.cfg.train
+        return torch.optim.SGD(model.parameters(), lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
+
+    def scheduler(self, optimizer: torch.optim.Optimizer, total_steps: int) -> torch.optim.lr_scheduler.LRScheduler:
+        # Accelerate steps a prepared scheduler once per process for every optimizer step, hence the factor.
+        total = max(1, total_steps * self.accelerator.num_processes)
+        kind = self.cfg.train.scheduler
+        if kind == "cosine":
+            return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total)
+        if kind == "step":
+            return torch.optim.lr_scheduler.MultiStepLR(optimizer, [total // 2, total * 3 // 4], gamma=0.1)
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+
+    def prepare(self, *objects: Any) -> Any:
+        """Prepare afresh: what Accelerate had registered (a model since pruned, its optimizers) is freed first."""
+        self.accelerator.free_memory()
+        return self.accelerator.prepare(*objects)
+
+    def cost(self, model: nn.Module) -> dict[str, int]:
+        c = model_cost(self.accelerator.unwrap_model(model), self.example.to(self.accelerator.device))
+        return {"params": c.params, "flops": c.flops}
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, loader: DataLoader) -> tuple[float, float]:
+        """Top-1 and top-5 (%) over the whole validation set, each sample counted once across processes."""
+        was_training = model.training
+        model.eval()
+        correct1 = correct5 = total = 0
+        for x, y in loader:
+            with self.accelerator.autocast():
+                logits = model(x)
+            logits, y = self.accelerator.gather_for_metrics((logits, y))
+            c1, c5 = topk_correct(logits.float(), y)
+            correct1 += int(c1)
+            correct5 += int(c5)
+            total += y.numel()
+        model.train(was_training)
+        return 100.0 * correct1 / max(total, 1), 100.0 * correct5 / max(total, 1)
+
+    # ------------------------------------------------------- weights, checkpoints
+    def save_weights(self, model: nn.Module, path: Path) -> None:
+        """Write `model`'s weights to `path` (rank 0), never weights that hold a NaN or an infinity."""
+        check_state(str(path), model.state_dict())
+        if self.main:
+            tmp = path.with_name(path.name + ".tmp")
+            name = (
+                self.cfg.model.name
+                if self.model is None
+                else f"{type(self.model).__module__}:{type(self.model).__qualname__}"
+            )
+            payload = {"model": name, "num_classes": self.data.num_classes}
+            torch.save({**payload, "state_dict": model.state_dict()}, tmp)
+            tmp.replace(path)
+        self.accelerator.wait_for_everyone()
+
+    def load_weights(self, path: Path) -> nn.Module:
+        """A model of the configured family with weights from a teacher file: ours, or one as people have them
+        (aip/models/weights.py). Trust and key renames apply to the configured model.teacher_checkpoint only."""
+        m = self.cfg.model
+        given = m.teacher_checkpoint is not None and Path(path).resolve() == Path(m.teacher_checkpoint).resolve()
+        state = load_state_dict_file(path, m.trust_checkpoint and given, m.checkpoint_rename if given else None)
+        model = self.new_model()
+        what = f"model.teacher_checkpoint {str(path)!r} (model.name={m.name!r}, {self.data.num_classes} classes)"
+        load_into(model, state, what)
+        return model
+
+    def save_checkpoint(
+        self, stage: int, history: list, step: int | None = None, partial: dict[str, int] | None = None
+    ) -> None:
+        """Checkpoint the end of `stage` or, with `step` and `partial`, a point inside it; rank 0 writes the files.
+
+        A write that fails (a full disk, say) leaves no temporary behind and stops the run with one line; the
+        checkpoints committed before stay valid. Weights that hold a NaN or an infinity are never written."""
+        acc = self.accelerator
+        what = f"checkpoint {ckpt.stage_dir(self.run_dir, stage, step).name}"
+        check_modules(what, acc._models, acc)  # the models save_state writes: the student and the discriminator
+        try:
+            tmp = ckpt.begin(self.run_dir, stage, step) if self.main else None
+            acc.wait_for_everyone()
+            acc.save_state(str(ckpt.temporary(self.run_dir, stage, step) / ckpt.STATE_DIR))
+            acc.wait_for_everyone()
+            if self.main:
+                meta = {"stage": stage, "state": self.state.__dict__, "config": self.cfg.to_dict()}
+                if partial is not None:
+                    meta["partial"] = partial
+                ckpt.commit(tmp, self.run_dir, stage, history, meta, step)
+                ckpt.prune_old(self.run_dir, self.cfg.checkpoint.keep)
+        except Exception as exc:
+            if self.main:
+                error = ckpt.failed_write(self.run_dir, stage, step, exc)
+                if ckpt.is_write_failure(exc):
+                    raise error from None
+            raise
+        acc.wait_for_everyone()
+
+    def restore(self, source: Path, *objects: Any) -> None:
+        """Prepare `objects` (models, optimizers, schedulers, in the checkpoint's order) and load the weights,
+        optimizer and RNG states of checkpoint `source` into them, through Accelerate."""
+        self.prepare(*objects)
+        self.accelerator.load_state(str(source / ckpt.STATE_DIR))
+
+    def finish(self, student: nn.Module, finished: Path | None = None) -> Outcome:
+        """Export the pruned student (fp32, no autocast wrapper), then write the stage table and the pruning log.
+
+        `finished`: the last stage checkpoint of a run that had ended before this resume; its exports are then only
+        repaired, from that checkpoint's weights without training, where missing or not loading."""
+        acc = self.accelerator
+        student = acc.unwrap_model(student, keep_fp32_wrapper=False)
+        acc.free_memory()
+        if finished is None:
+            check_modules(EXPORT_FILE, [student], acc)
+        if self.main:
+            if finished is not None:
+                student.load_state_dict(load_file(str(finished / ckpt.STATE_DIR / "model.safetensors")))
+            # Every configured format; one that fails is a warning, never a crash at the end of a long run.
+            formats, repair = self.cfg.export.formats, finished is not None
+            written = write_exports(student, self.example, self.run_dir, formats, only_stale=repair)
+            if repair and written:
+                names = ", ".join(EXPORT_FILES[f] for f in written)
+                self.print(f"{names} missing or damaged in {self.run_dir}: exported again from {finished}")
+            table = write_report(self.run_dir, self.state.teacher, self.state.rows)
+            (self.run_dir / "pruning_log.json").write_text(json.dumps(self.state.pruning_log, indent=1))
+            self.print(f"\n{table}\n\nrun directory: {self.run_dir}")
+        acc.wait_for_everyone()
+        self.close()
+        return Outcome({"teacher": self.state.teacher, "stages": self.state.rows}, student)
