@@ -1,18 +1,16 @@
-"""Run configuration: dataclasses, YAML loading, dotted overrides and validation with one-line errors.
+"""Run configuration: YAML loading, dotted overrides, coercion and validation with one-line errors.
 
-Every key a YAML file or `--set key=value` may name is a field below, with its one-line meaning (`option`); anything
-else is refused before any work starts, with the key and what is allowed. This module imports no registry: the
-names they hold are checked by `aip.checks`, which sits above both.
+The sections and keys, with each key's default and one-line meaning, are the dataclasses of `aip.schema` (re-exported
+here); anything else is refused before any work starts, with the key and what is allowed. This module imports no
+registry: the names they hold are checked by `aip.checks`, which sits above both.
 """
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import math
 import types
 import typing
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -20,295 +18,26 @@ import yaml
 
 from aip.errors import ConfigError as ConfigError  # re-exported: it lived here before aip/errors.py
 
-
-def option(default: Any, help: str) -> Any:
-    """A config field with its one-line meaning in `metadata["help"]` (what `--print-config` prints beside it).
-
-    A section class becomes its default factory; a list, dict or section instance is copied for every instance.
-    """
-    if isinstance(default, type) and dataclasses.is_dataclass(default):
-        return field(default_factory=default, metadata={"help": help})
-    if isinstance(default, (list, dict)) or dataclasses.is_dataclass(default):
-        return field(default_factory=lambda: copy.deepcopy(default), metadata={"help": help})
-    return field(default=default, metadata={"help": help})
-
-
-@dataclass
-class ModelConfig:
-    """The network: teacher and student are the same architecture."""
-
-    name: str = option(
-        "cifar_resnet20",
-        "a registered name (cifar_resnet8/20/32/56/110, vgg16_bn), torchvision:<name>, timm:<name>, or your own "
-        "package.module:callable",
-    )
-    kwargs: dict[str, Any] = option(
-        {}, "keyword arguments of package.module:callable; num_classes (and in_channels) are added when it takes them"
-    )
-    teacher_checkpoint: str | None = option(
-        None, "local file of a trained teacher (a state dict, .safetensors, or a run's teacher.pt); null: train one"
-    )
-    trust_checkpoint: bool = option(
-        False, "unpickle a teacher checkpoint that holds Python objects besides tensors (only a file you trust)"
-    )
-    checkpoint_rename: dict[str, str] = option(
-        {}, "substring renames of the teacher checkpoint's keys, in order, e.g. {'.downsample.': '.shortcut.'}"
-    )
-    taps: list[str] | None = option(
-        None, "module names whose outputs feed attention transfer; null: the ends of the network's stages, found"
-    )
-
-
-@dataclass
-class DataConfig:
-    """The data set, its loading and its normalisation."""
-
-    name: str = option("synthetic", "data set: synthetic, cifar10, cifar100, fashion_mnist or imagefolder")
-    root: str | None = option(None, "local directory that holds the data set's files (synthetic: unused)")
-    download: bool = option(False, "fetch a torchvision data set into data.root when it is missing")
-    batch_size: int = option(64, "training batch size of each process")
-    eval_batch_size: int = option(256, "evaluation batch size of each process (does not change any result)")
-    num_workers: int = option(0, "DataLoader worker processes (0: load in the main process)")
-    augment: bool = option(True, "augment training images (pad-crop and flip; imagefolder: random resized crop)")
-    train_subset: int | None = option(
-        None, "train on a fixed random choice of N samples (the same in every run); null: all of them"
-    )
-    mean: list[float] | None = option(
-        None, "per-channel normalisation mean replacing the data set's own; null: its own (synthetic: none)"
-    )
-    std: list[float] | None = option(
-        None, "per-channel normalisation std replacing the data set's own; null: its own (synthetic: none)"
-    )
-    num_classes: int = option(10, "synthetic only: number of classes")
-    image_size: int = option(32, "synthetic only: image height and width in pixels")
-    train_size: int = option(2048, "synthetic only: training images")
-    val_size: int = option(512, "synthetic only: validation images")
-
-
-@dataclass
-class TrainConfig:
-    """Optimisation shared by every training phase (SGD with momentum, one schedule per stage)."""
-
-    epochs: int = option(10, "epochs of mode train")
-    teacher_epochs: int = option(10, "epochs of training a teacher when model.teacher_checkpoint is null")
-    lr: float = option(0.05, "SGD learning rate")
-    momentum: float = option(0.9, "SGD momentum")
-    weight_decay: float = option(5e-4, "SGD weight decay")
-    scheduler: str = option(
-        "cosine", "learning-rate schedule over each training phase: cosine, step (x0.1 at 1/2 and 3/4) or constant"
-    )
-    grad_accum_steps: int = option(1, "batches whose gradients are accumulated into one optimizer step")
-    eval_every: int = option(
-        1, "evaluate every N epochs of plain training (the last epoch always); a full test set can cost an epoch"
-    )
-    mixed_precision: str | None = option(
-        None, "no, fp16 or bf16; null: what the launcher says (accelerate launch --mixed_precision), else no"
-    )
-    log_every: int = option(20, "write the loss terms to TensorBoard every N steps")
-
-
-@dataclass
-class HybridConfig:
-    """`prune.criterion: hybrid`: a saliency criterion first, a similarity criterion once the switch is reached."""
-
-    saliency: str = option("l1", "criterion of the early intervals (not hybrid, similarity or fpgm)")
-    similarity: str = option("similarity", "criterion from the switch on: similarity or fpgm")
-    switch_interval: int | None = option(
-        None, "switch at this interval (1-based); set this or switch_fraction, the other to null"
-    )
-    switch_fraction: float | None = option(
-        0.5, "switch once this fraction of the total reduction is reached; set this or switch_interval"
-    )
-
-
-@dataclass
-class SimilarityConfig:
-    """`prune.criterion: similarity`: what near-identical channels are found by."""
-
-    source: str = option(
-        "weights", "what similarity compares: the channels' filters (weights) or their feature maps (features)"
-    )
-
-
-@dataclass
-class ActivationConfig:
-    """`prune.criterion: activation`: how much each interval removes."""
-
-    mode: str = option(
-        "fraction",
-        "fraction: the schedule's share of the target, lowest relative activation first; threshold: every channel "
-        "under activation.threshold, never past the target",
-    )
-    threshold: float = option(0.1, "mode threshold: remove channels under this fraction of the layer's 0.9-quantile")
-
-
-@dataclass
-class CapacityConfig:
-    """Effective filter analysis: per-layer caps from the effective rank of the layer's output-gradient matrix."""
-
-    enabled: bool = option(False, "cap each layer group's pruning by its effective rank, found before the first prune")
-    tau: float = option(0.99, "effective rank: the fewest singular values holding this fraction of sum(s^2)")
-    safety: float = option(0.9, "max prunable ratio = (1 - effective_rank / width) * safety")
-    batches: int = option(8, "calibration batches whose per-sample gradients form the matrix")
-    mode: str = option("cap", "cap: limits only; hierarchical: also prune the most redundant groups first, in turn")
-
-
-@dataclass
-class PruneConfig:
-    """Channel pruning: criterion, target, schedule and limits."""
-
-    criterion: str = option("l1", "channel ranking: l1, l2, bn_scale, taylor, activation, fpgm, similarity or hybrid")
-    target_flops_ratio: float | None = option(
-        0.5, "fraction of the teacher's FLOPs to keep; set this or target_params_ratio, the other to null"
-    )
-    target_params_ratio: float | None = option(
-        None, "fraction of the teacher's parameters to keep; set this or target_flops_ratio"
-    )
-    intervals: int = option(3, "pruning intervals (stages) to reach the target in")
-    epochs_between: int = option(1, "recovery epochs after each pruning interval")
-    finetune_epochs: int = option(1, "fine-tuning epochs after the last interval (mode acp: the recovery)")
-    schedule: str = option(
-        "geometric", "steps towards the target: geometric (same fraction of what is left) or linear (same share)"
-    )
-    max_layer_ratio: float = option(0.8, "no layer group may lose more than this fraction of its original channels")
-    calibration_batches: int = option(
-        4, "training batches used by data-dependent criteria (taylor, activation, similarity on features)"
-    )
-    hybrid: HybridConfig = option(HybridConfig, "criterion hybrid")
-    similarity: SimilarityConfig = option(SimilarityConfig, "criterion similarity")
-    activation: ActivationConfig = option(ActivationConfig, "criterion activation")
-    capacity: CapacityConfig = option(CapacityConfig, "effective filter analysis: per-layer pruning limits")
-
-
-@dataclass
-class SwarmConfig:
-    """Particle swarm over width vectors (ACP); defaults from the authors' code as read in METHOD.md."""
-
-    particles: int = option(10, "particles (candidate width vectors) of the swarm")
-    iterations: int = option(8, "swarm iterations")
-    # Our choice: Clerc's constriction form (inertia 1 inside it). METHOD.md's inertia falling from 0.6 inside the
-    # constriction collapses the swarm early: a 4-d integer quadratic (10 particles, 30 iterations, init_spread 1)
-    # was solved exactly in 6 of 20 seeds with 0.6 -> 0.2, 10 of 20 with 0.6, 20 of 20 with 1.0.
-    inertia_start: float = option(1.0, "inertia inside the constriction at the first iteration")
-    inertia_end: float = option(1.0, "inertia at the last iteration (linear in between)")
-    c1: float = option(2.0, "pull towards each particle's own best")
-    c2: float = option(2.0, "pull towards the swarm's best")
-    constriction: float = option(0.729, "Clerc's constriction factor chi")
-    velocity_clip: float = option(2.0, "largest velocity component, in channels per step")
-    init_spread: float = option(0.2, "offsets of particles 1.. from the clustering start, a fraction of each range")
-    penalty: float = option(10.0, "fitness lost per unit of relative excess over the budget")
-
-
-@dataclass
-class AcpConfig:
-    """`mode: acp`: cluster channels, search per-group widths with a particle swarm, then recover."""
-
-    eps: float = option(0.1, "DBSCAN eps on correlation distance of channel responses; larger merges more channels")
-    min_samples: int = option(5, "DBSCAN min_samples: channels that make a cluster")
-    calibration_images: int = option(200, "images whose channel responses are clustered")
-    swarm: SwarmConfig = option(SwarmConfig, "the particle swarm over per-group widths")
-    recovery_steps: int = option(200, "training steps of each candidate before its fitness is measured")
-    holdout_size: int = option(1000, "training images held out to measure fitness (top-1) on")
-    distill: bool = option(True, "distil the candidates' recovery steps from the teacher")
-    final: str = option("aip", "recovery of the best structure: aip (the AIP losses) or finetune (cross-entropy)")
-    timeout_minutes: float = option(
-        120.0, "process-group timeout: each process waits at every swarm iteration for the slowest one's share"
-    )
-
-
-@dataclass
-class WeightedLoss:
-    """One loss term and its weight in the student's loss."""
-
-    weight: float = option(1.0, "weight of this term in the student's loss (0: off)")
-
-
-@dataclass
-class KDLoss:
-    """Distillation on the teacher's outputs."""
-
-    weight: float = option(0.3, "weight a of T^2 * KL(teacher || student) in the student's loss (0: off)")
-    temperature: float = option(4.0, "softmax temperature T of the distillation")
-    kind: str = option("kl", "kl (on softened outputs) or mse (on logits)")
-
-
-@dataclass
-class LossConfig:
-    """The student's loss: weighted sum of cross-entropy, distillation, attention transfer and adversarial terms."""
-
-    ce: WeightedLoss = option(WeightedLoss(0.7), "cross-entropy on the labels (1 - a with a = loss.kd.weight)")
-    kd: KDLoss = option(KDLoss, "distillation on the teacher's outputs")
-    # Attention transfer as in Zagoruyko & Komodakis, whose beta of 1000 fits this loss's per-position mean: with
-    # weight 1 the term measured ~7e-4 on the debug run against ~0.1 for CE, i.e. it did nothing.
-    at: WeightedLoss = option(WeightedLoss(1000.0), "attention transfer at the ends of the stages (the paper's beta)")
-    adv: WeightedLoss = option(WeightedLoss(1.0), "adversarial term: the student learns to fool the discriminator")
-
-
-@dataclass
-class DiscriminatorConfig:
-    """The fully-connected discriminator that tells teacher outputs from student outputs."""
-
-    hidden: list[int] = option([128, 256, 128], "widths of its hidden layers")
-    lr: float = option(1e-4, "Adam learning rate")
-    beta1: float = option(0.5, "Adam beta1")
-    beta2: float = option(0.999, "Adam beta2")
-    input: str = option("logits", "what it sees of the network output: logits or softmax")
-
-
-@dataclass
-class CheckpointConfig:
-    """Stage checkpoints: resume and --from-stage read them."""
-
-    keep: int = option(0, "end-of-stage checkpoints to keep, newest first (0: all)")
-    every_n_steps: int | None = option(
-        None, "also checkpoint every N optimizer steps inside a stage (only the newest kept); null: stage ends only"
-    )
-
-
-@dataclass
-class ExportConfig:
-    """The files the final pruned model is written as, beside the report."""
-
-    formats: list[str] = option(
-        ["pt2", "onnx"], "pt2 (torch.export: model_pruned.pt2) and/or onnx (model_pruned.onnx); []: none"
-    )
-
-
-@dataclass
-class LoggingConfig:
-    """Where the scalars go (every loss term, lr, accuracy, params and FLOPs per stage), through Accelerate."""
-
-    report_to: list[str] = option(
-        ["tensorboard"],
-        "Accelerate trackers: tensorboard (event files in <run>/tb/), wandb, mlflow, aim, comet_ml, clearml, "
-        "dvclive, swanlab, trackio (each needs its package installed); []: none",
-    )
-
-
-@dataclass
-class Config:
-    """A run: what it does, with which model, data, losses and pruning."""
-
-    mode: str = option(
-        "aip", "aip (prune + distill), acp (width search, then recovery), train (supervised) or eval (measure)"
-    )
-    seed: int = option(0, "seeds everything; each stage and epoch re-seeds from it, which makes resume exact")
-    name: str = option("run", "run name: runs/<name>-<time>; a --config file's stem unless set")
-    out: str | None = option(None, "run directory; null: runs/<name>-<time> (the --out flag wins)")
-    model: ModelConfig = option(ModelConfig, "the network")
-    data: DataConfig = option(DataConfig, "the data set")
-    train: TrainConfig = option(TrainConfig, "optimisation")
-    prune: PruneConfig = option(PruneConfig, "channel pruning")
-    loss: LossConfig = option(LossConfig, "the student's loss terms")
-    disc: DiscriminatorConfig = option(DiscriminatorConfig, "the discriminator of the adversarial term")
-    acp: AcpConfig = option(AcpConfig, "mode acp: the width search")
-    checkpoint: CheckpointConfig = option(CheckpointConfig, "stage checkpoints")
-    export: ExportConfig = option(ExportConfig, "the exported pruned model")
-    logging: LoggingConfig = option(LoggingConfig, "experiment trackers")
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
+# The sections and keys, re-exported: they lived here before aip/schema.py.
+from aip.schema import AcpConfig as AcpConfig
+from aip.schema import ActivationConfig as ActivationConfig
+from aip.schema import CapacityConfig as CapacityConfig
+from aip.schema import CheckpointConfig as CheckpointConfig
+from aip.schema import Config as Config
+from aip.schema import DataConfig as DataConfig
+from aip.schema import DiscriminatorConfig as DiscriminatorConfig
+from aip.schema import ExportConfig as ExportConfig
+from aip.schema import HybridConfig as HybridConfig
+from aip.schema import KDLoss as KDLoss
+from aip.schema import LoggingConfig as LoggingConfig
+from aip.schema import LossConfig as LossConfig
+from aip.schema import ModelConfig as ModelConfig
+from aip.schema import PruneConfig as PruneConfig
+from aip.schema import SimilarityConfig as SimilarityConfig
+from aip.schema import SwarmConfig as SwarmConfig
+from aip.schema import TrainConfig as TrainConfig
+from aip.schema import WeightedLoss as WeightedLoss
+from aip.schema import option as option
 
 SEED_MAX = 2**32 - 1
 MODES = ("aip", "train", "acp", "eval")

@@ -1,6 +1,6 @@
 """The resolved config as YAML with every key's meaning beside it: what `python aip/train.py --print-config` prints.
 
-The meanings are the `help` of the dataclass fields in `aip/config.py`, so the listing cannot drift from the keys
+The meanings are the `help` of the dataclass fields in `aip/schema.py`, so the listing cannot drift from the keys
 that exist; the output loads back with `load_config` to the same config.
 """
 

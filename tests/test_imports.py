@@ -18,8 +18,9 @@ PACKAGE = REPO / "aip"
 BOTTOM = {
     "aip.errors": {"aip", "aip.errors"},
     "aip.registry": {"aip", "aip.registry"},
-    "aip.config": {"aip", "aip.config", "aip.errors"},
-    "aip.config_doc": {"aip", "aip.config", "aip.config_doc", "aip.errors"},
+    "aip.schema": {"aip", "aip.schema"},
+    "aip.config": {"aip", "aip.config", "aip.errors", "aip.schema"},
+    "aip.config_doc": {"aip", "aip.config", "aip.config_doc", "aip.errors", "aip.schema"},
 }
 
 
@@ -151,7 +152,8 @@ def test_no_module_of_aip_imports_one_that_imports_it_back() -> None:
 def test_config_and_errors_import_no_registry() -> None:
     top, inner = import_graph(PACKAGE)
     assert top["aip.errors"] == set() and inner["aip.errors"] == set()
-    assert top["aip.config"] | inner["aip.config"] == {"aip.errors"}
+    assert top["aip.schema"] | inner["aip.schema"] == set()
+    assert top["aip.config"] | inner["aip.config"] == {"aip.errors", "aip.schema"}
     assert {"aip.data", "aip.models", "aip.prune.importance", "aip.config"} <= top["aip.checks"]
 
 
