@@ -299,7 +299,8 @@ def markdown(out: dict, tag: str) -> list[str]:
         f"arms a-e: L1 (e: hybrid) in {s['intervals']} intervals x {s['between']} epochs + {s['finetune']} "
         f"fine-tune epochs ({s['recovery_epochs']} recovery epochs); f_acp: width search (swarm "
         f"{s['acp']['particles']} particles x {s['acp']['iterations']} iterations x {s['acp']['recovery_steps']} "
-        f"steps, {s['acp']['holdout_size']} held-out images) then one AIP recovery of {s['recovery_epochs']} epochs. "
+        f"steps, {s['acp']['holdout_size']} held-out images: {s['acp_search_steps']} training steps besides the "
+        f"{s['recovery_steps']} of every arm's recovery) then one AIP recovery of {s['recovery_epochs']} epochs. "
         f"Top-1 on the full 10,000-image test set; seeds {out['seeds']}.",
         "",
     ]
@@ -390,6 +391,9 @@ def main() -> None:
         fail(f"no published teacher at {weights}; pass --weights DIR (the folder of ../shared/weights)")
     data = find_data(args.data)
     s = {**SETTINGS[args.quick], "recovery_epochs": recovery_epochs(SETTINGS[args.quick])}
+    a = s["acp"]
+    s["recovery_steps"] = s["recovery_epochs"] * math.ceil(s["subset"] / s["batch_size"])
+    s["acp_search_steps"] = a["particles"] * a["iterations"] * a["recovery_steps"]  # besides the recovery
     tag = "quick" if args.quick else "full"
     work = Path(args.work)
     sys.path.insert(0, str(REPO))
