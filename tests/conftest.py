@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -57,3 +58,15 @@ def exported_outputs(run_dir: Path) -> torch.Tensor:
     """The run's exported model on a fixed batch: resumed runs must export what an unbroken run exports."""
     with torch.no_grad():
         return torch.export.load(Path(run_dir) / "model_pruned.pt2").module()(IMAGES)
+
+
+@pytest.fixture
+def fresh_accelerator_state() -> Iterator[None]:
+    """Accelerate keeps one state per process (mixed precision, accumulation): none of it may leak between tests."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    yield
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-from accelerate.state import AcceleratorState, GradientState
 
 from aip.accel import LAUNCHER_PRECISION, mixed_precision, process_group_kwargs
 from aip.config import ConfigError, config_from_dict
@@ -20,14 +19,7 @@ from tests.conftest import tiny_run
 REPO = Path(__file__).resolve().parent.parent
 
 
-@pytest.fixture(autouse=True)
-def _fresh_accelerator_state():
-    """Accelerate keeps one mixed-precision setting per process: none of it may leak between tests."""
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    yield
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
+pytestmark = pytest.mark.usefixtures("fresh_accelerator_state")
 
 
 @pytest.mark.parametrize(

@@ -23,15 +23,7 @@ from aip.distill.step import DistillStep
 from aip.train import main
 from tests.conftest import tiny_run
 
-
-@pytest.fixture(autouse=True)
-def _fresh_accelerator_state():
-    """Accelerate keeps one state per process (mixed precision, accumulation): none of it may leak between tests."""
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    yield
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
+pytestmark = pytest.mark.usefixtures("fresh_accelerator_state")
 
 
 def _net() -> nn.Module:
