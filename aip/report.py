@@ -61,10 +61,14 @@ def plot_stages(teacher: Row, stages: list[Row], path: Path) -> None:
     plt.close(fig)
 
 
-def write_report(run_dir: Path, teacher: Row, stages: list[Row]) -> str:
-    """Write report.json, report.md and (with stages) report.png into the run directory; return the Markdown table."""
+def write_report(run_dir: Path, teacher: Row, stages: list[Row], curve: list[Row] | None = None) -> str:
+    """Write report.json, report.md and (with stages) report.png into the run directory; return the Markdown table.
+    `curve` (train.eval_each_epoch): top-1 after each prune (epoch 0) and each recovery epoch, in report.json."""
     run_dir = Path(run_dir)
-    (run_dir / "report.json").write_text(json.dumps({"teacher": teacher, "stages": stages}, indent=1))
+    out: dict[str, Any] = {"teacher": teacher, "stages": stages}
+    if curve:
+        out["curve"] = curve
+    (run_dir / "report.json").write_text(json.dumps(out, indent=1))
     table = "\n".join(table_lines(teacher, stages))
     (run_dir / "report.md").write_text(
         "# Stage table\n\nFLOPs from torch.utils.flop_counter (one image); top-1/top-5 in % on the validation set."

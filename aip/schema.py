@@ -97,6 +97,10 @@ class TrainConfig:
         None, "no, fp16 or bf16; null: what the launcher says (accelerate launch --mixed_precision), else no"
     )
     log_every: int = option(20, "write the loss terms to TensorBoard every N steps")
+    eval_each_epoch: bool = option(
+        False,
+        "pruning modes: also evaluate right after each prune and after every recovery epoch (report.json 'curve')",
+    )
 
 
 @dataclass

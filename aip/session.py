@@ -48,6 +48,7 @@ class RunState:
     global_step: int = 0
     teacher: dict[str, Any] = field(default_factory=dict)
     rows: list[dict[str, Any]] = field(default_factory=list)
+    curve: list[dict[str, Any]] = field(default_factory=list)  # train.eval_each_epoch: top-1 per recovery epoch
     pruning_log: list[dict[str, Any]] = field(default_factory=list)
     capacity: dict[str, dict[str, Any]] = field(default_factory=dict)
 
@@ -324,7 +325,7 @@ class Session:
             if repair and written:
                 names = ", ".join(EXPORT_FILES[f] for f in written)
                 self.print(f"{names} missing or damaged in {self.run_dir}: exported again from {finished}")
-            table = write_report(self.run_dir, self.state.teacher, self.state.rows)
+            table = write_report(self.run_dir, self.state.teacher, self.state.rows, self.state.curve)
             (self.run_dir / "pruning_log.json").write_text(json.dumps(self.state.pruning_log, indent=1))
             self.print(f"\n{table}\n\nrun directory: {self.run_dir}")
         acc.wait_for_everyone()

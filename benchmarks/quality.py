@@ -25,12 +25,15 @@ Data: the lossless CIFAR-10 ImageFolder tree (train/, test/), by default ~/.cach
 ../shared/data/cifar10.tar.gz when missing. Results: <out>/quality.json, quality.md, quality.png (--quick:
 quality-quick.*). JSON layout: {"teacher": {name, top1, ...}, "seeds": [...], "results": {"0.5": {arm: [top-1 per
 seed]}, "0.3": {...}}, "runs": {target: {arm: [per-seed details]}}, "paired": {...}, "settings", "machine", ...}.
-Per-epoch recovery curves need engine support that does not exist yet; they would go into a "curves" entry shaped
-like "results" ({target: {arm: [[top-1 after each recovery epoch] per seed]}}).
+Recovery curves: every run sets `train.eval_each_epoch`, so the student is evaluated (full test set) right after
+each prune and after every recovery epoch; "curves" holds {target: {arm: [[[epochs spent, top-1, 1 if just
+pruned], ...] per seed]}} and <out>/quality-curves.png plots the mean over seeds (one line per arm, one panel
+per target).
 
 Caching: each arm runs through aip.train.main in a run directory of its own under --work, named by a hash of the
 arm's fully resolved config (which holds target and seed), the teacher file's hash and the code version
-(`git rev-parse HEAD` plus a hash of `git diff HEAD -- aip` and of untracked files under aip/). A run is reused
+(the git tree of aip/ at HEAD plus a hash of `git diff HEAD -- aip` and of untracked files under aip/, so commits
+that leave aip/ alone keep the cache). A run is reused
 only when its key matches and its report.json is complete; a directory of the same key without a complete report
 is resumed (`--resume auto`), anything else is a new directory, so no number from other code or settings is reused.
 """
@@ -106,9 +109,10 @@ def git(*args: str) -> bytes:
 
 
 def code_version() -> dict:
-    """HEAD, plus a hash of the uncommitted changes under aip/ (tracked diff and untracked files)."""
+    """HEAD and its aip/ tree, plus a hash of the uncommitted changes under aip/ (tracked diff and untracked files)."""
     try:
         head = git("rev-parse", "HEAD").decode().strip()
+        tree = git("rev-parse", "HEAD:aip").decode().strip()
         diff = git("diff", "HEAD", "--", "aip")
         digest = hashlib.sha256(diff)
         untracked = git("ls-files", "--others", "--exclude-standard", "--", "aip").decode().split()
@@ -116,7 +120,12 @@ def code_version() -> dict:
         fail(f"cannot read the code version with git in {REPO} ({exc}); run from a git checkout")
     for name in sorted(untracked):
         digest.update(name.encode() + b"\0" + (REPO / name).read_bytes())
-    return {"commit": head, "aip_changes_sha256": digest.hexdigest(), "dirty": bool(diff or untracked)}
+    return {
+        "commit": head,
+        "aip_tree": tree,
+        "aip_changes_sha256": digest.hexdigest(),
+        "dirty": bool(diff or untracked),
+    }
 
 
 def file_sha256(path: Path) -> str:
@@ -167,7 +176,7 @@ def arm_config(arm: str, model: dict, weights: Path, data: Path, s: dict, target
             "mean": [0.4914, 0.4822, 0.4465],
             "std": [0.2023, 0.1994, 0.2010],
         },
-        "train": {"lr": s["lr"], "scheduler": "cosine", "log_every": 50},
+        "train": {"lr": s["lr"], "scheduler": "cosine", "log_every": 50, "eval_each_epoch": True},
         "prune": {
             "criterion": "l1",
             "target_flops_ratio": target,
@@ -339,9 +348,64 @@ def markdown(out: dict, tag: str) -> list[str]:
     lines += [
         "A win: the paired mean difference to arm a (same seed) exceeds twice its standard error. f_acp's wall time "
         "includes its width search (in brackets); its recovery has as many epochs as the others' whole schedule.",
-        "Per-epoch recovery curves are not measured yet (no engine support).",
     ]
+    lines += curve_table(out)
     return lines
+
+
+def curve_points(report: dict) -> list[list[float]]:
+    """[epochs spent, top-1, 1 after a prune else 0] after each prune and each recovery epoch, in run order."""
+    points, spent = [], 0
+    for stage in report["stages"]:
+        for p in (p for p in report.get("curve", []) if p["stage"] == stage["stage"]):
+            points.append([spent + p["epoch"], p["top1"], int(p["epoch"] == 0)])
+        spent += max((p["epoch"] for p in report.get("curve", []) if p["stage"] == stage["stage"]), default=0)
+    return points
+
+
+def mean_curve(curves: list[list[list[float]]]) -> list[list[float]]:
+    """The mean over seeds, point by point (every seed has the same points)."""
+    return [[pts[0][0], statistics.mean(p[1] for p in pts), pts[0][2]] for pts in zip(*curves, strict=True)]
+
+
+def curve_table(out: dict) -> list[str]:
+    lines = [
+        "",
+        "## Recovery curves",
+        "",
+        "Mean top-1 over seeds after each prune (p, at the epochs spent so far) and after each recovery epoch (e); "
+        "f_acp prunes once, after its search. Plot: quality-curves.png.",
+    ]
+    for target in TARGETS:
+        lines += ["", f"### {float(target):.0%} of the teacher's FLOPs", ""]
+        for arm, per_seed in out["curves"][target].items():
+            points = mean_curve(per_seed)
+            labels = [f"{'p' if pruned else 'e'}{x:g}: {v:.2f}" for x, v, pruned in points]
+            lines.append(f"- {arm}: " + ", ".join(labels))
+    return lines
+
+
+def plot_curves(out: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(TARGETS), figsize=(5.5 * len(TARGETS), 4.2))
+    for ax, target in zip(axes, TARGETS, strict=True):
+        for i, (arm, per_seed) in enumerate(out["curves"][target].items()):
+            points = mean_curve(per_seed)
+            ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", ms=3, color=f"C{i}", label=arm)
+        ax.axhline(out["teacher"]["top1"], color="0.4", ls="--", lw=1, label="teacher")
+        ax.set_title(f"{float(target):.0%} of the teacher's FLOPs")
+        ax.set_xlabel("recovery epochs spent (a vertical drop: a prune)")
+        ax.set_ylabel("top-1 (%) on the CIFAR-10 test set")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(f"{out['teacher']['name']}: recovery curves, mean over seeds {out['seeds']}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 EMPTY_SHA = hashlib.sha256(b"").hexdigest()
@@ -400,7 +464,8 @@ def main() -> None:
     os.chdir(REPO)
     import torch
 
-    key_parts = {"code": code, "teacher_sha256": file_sha256(weights)}
+    key_code = {k: code[k] for k in ("aip_tree", "aip_changes_sha256")}  # not HEAD: other commits keep the cache
+    key_parts = {"code": key_code, "teacher_sha256": file_sha256(weights)}
     started = time.perf_counter()
     runs: dict = {t: {arm: [] for arm in ARMS} for t in TARGETS}
     teacher_row = None
@@ -435,10 +500,12 @@ def main() -> None:
                             }
                             for st in report["stages"]
                         ],
+                        "curve": curve_points(report),
                     }
                 )
                 print(f"{label}: top-1 {final['top1']:.2f} ({done['seconds']:.0f} s)", flush=True)
     results = {t: {arm: [r["top1"] for r in rs] for arm, rs in runs[t].items()} for t in TARGETS}
+    curves = {t: {arm: [r["curve"] for r in rs] for arm, rs in runs[t].items()} for t in TARGETS}
     stats = {
         t: {
             "per_arm": {arm: describe(v) for arm, v in results[t].items()},
@@ -460,6 +527,7 @@ def main() -> None:
         },
         "seeds": seeds,
         "results": results,
+        "curves": curves,
         "paired": stats,
         "runs": runs,
         "settings": s,
@@ -472,8 +540,6 @@ def main() -> None:
             "torch": torch.__version__,
         },
         "code": code,
-        "notes": "curves (top-1 after every recovery epoch) are not measured yet: they need engine support; they "
-        "would be added as a 'curves' entry shaped like 'results'.",
     }
     dest = Path(args.out)
     dest.mkdir(parents=True, exist_ok=True)
@@ -482,6 +548,7 @@ def main() -> None:
     lines = markdown(out, tag)
     (dest / f"{stem}.md").write_text("\n".join(lines) + "\n")
     plot(out, dest / f"{stem}.png")
+    plot_curves(out, dest / f"{stem}-curves.png")
     print("\n".join(lines))
 
 

@@ -94,7 +94,7 @@ def run_acp(session: Session, resume: Path | None = None) -> Outcome:
         restore, start = (resume, (partial["epoch"], partial["batch"])) if partial else (None, (0, 0))
         taps = tap_names(session, student)
         prepared = recover(
-            session, stage, student, teacher, disc, taps, pruner, restore=restore, start=start, losses=losses
+            session, stage, student, teacher, disc, taps, pruner, restore=restore, start=start, losses=losses, val=val
         )
         end_stage(session, stage, prepared, val, base, pruner)
     return session.finish(student, finished=ended)

@@ -163,6 +163,7 @@ def run_aip(session: Session, resume: Path | None = None, branch: Path | None = 
             pruner,
             restore=source if resuming_here else None,
             start=(partial["epoch"], partial["batch"]) if resuming_here else (0, 0),
+            val=val,
         )
         end_stage(session, stage, prepared_student, val, base, pruner)
 

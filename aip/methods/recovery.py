@@ -140,6 +140,7 @@ def recover(
     restore: Path | None = None,
     start: tuple[int, int] = (0, 0),
     losses: LossConfig | None = None,
+    val: DataLoader | None = None,
 ) -> nn.Module:
     """Train the student against the teacher and the discriminator for the stage's epochs.
 
@@ -147,6 +148,8 @@ def recover(
     `start` = (epoch, batches done): that epoch is re-seeded and its first batches are skipped by index, without
     loading them; each batch's augmentation has seeds of its own, so the rest continues as in an unbroken run.
     `global_step` counts optimizer steps: `checkpoint.every_n_steps` and the logs go by it.
+    With `train.eval_each_epoch` and `val`, the student is evaluated after the prune and after every epoch but the
+    last (`end_stage` evaluates that one): the recovery curve.
     """
     acc, cfg, state = session.accelerator, session.cfg, session.state
     student_p, disc_p, opt_s, opt_d, sched, train = session.prepare(
@@ -164,7 +167,11 @@ def recover(
             student_p.train()
             disc_p.train()
             done = start[1] if epoch == start[0] else 0  # batches seen before the checkpoint resumed from
+            if epoch == 0 and done == 0 and stage.kind != "finetune":
+                curve_point(session, stage, 0, student_p, val)
             if done >= len(train):
+                if epoch + 1 < stage.epochs:
+                    curve_point(session, stage, epoch + 1, student_p, val)
                 continue
             batches = acc.skip_first_batches(train, done) if done else train
             bar = session.bar(batches, f"stage {stage.index} epoch {epoch + 1}/{stage.epochs}")
@@ -186,7 +193,22 @@ def recover(
                 if every and state.global_step % every == 0:
                     partial = {"stage": stage.index, "epoch": epoch, "batch": batch + 1}
                     session.save_checkpoint(stage.index, pruner.history(), step=state.global_step, partial=partial)
+            if epoch + 1 < stage.epochs:
+                curve_point(session, stage, epoch + 1, student_p, val)
     return student_p
+
+
+def curve_point(session: Session, stage: Stage, epoch: int, student: nn.Module, val: DataLoader | None) -> float | None:
+    """With `train.eval_each_epoch`: the student's top-1 after `epoch` recovery epochs of `stage` (0: just pruned),
+    once per point (a resumed stage does not add it twice), in the run state and the logs."""
+    if val is None or not session.cfg.train.eval_each_epoch:
+        return None
+    if any(p["stage"] == stage.index and p["epoch"] == epoch for p in session.state.curve):
+        return None
+    top1, _ = session.evaluate(student, val)
+    session.state.curve.append({"stage": stage.index, "kind": stage.kind, "epoch": epoch, "top1": top1})
+    session.log({"curve/top1": top1}, len(session.state.curve))
+    return top1
 
 
 def end_stage(
@@ -196,6 +218,8 @@ def end_stage(
     top1, top5 = session.evaluate(student, val)
     row = {"stage": stage.index, "kind": stage.kind, **session.cost(student), "top1": top1, "top5": top5}
     session.state.rows.append(row)
+    if session.cfg.train.eval_each_epoch:
+        session.state.curve.append({"stage": stage.index, "kind": stage.kind, "epoch": stage.epochs, "top1": top1})
     session.state.stage = stage.index
     session.log({"stage/top1": top1, "stage/top5": top5, "stage/params": row["params"]}, stage.index)
     session.log({"stage/flops": row["flops"]}, stage.index)
