@@ -25,17 +25,15 @@ from quality import (
     SETTINGS,
     SHARED,
     code_version,
-    describe,
     fail,
     file_sha256,
     find_data,
-    fmt,
     merge,
-    paired,
     recovery_epochs,
     run_arm,
 )
 from quality import arm_config as quality_arm
+from quality_report import describe, fmt, paired
 
 # On top of d_aip (ce 0.7, kd 0.3 at T=4, at 1000 at layer1-3, adv 1.0; D on logits, [128, 256, 128], Adam 1e-4;
 # recovery SGD lr 0.01, cosine per stage).
