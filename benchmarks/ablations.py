@@ -40,13 +40,13 @@ from quality_report import describe, fmt, paired
 VARIANTS: dict[str, tuple[str, dict]] = {
     "at_0": ("no attention transfer (kd + adv)", {"loss": {"at": {"weight": 0.0}}}),
     "at_100": ("attention transfer weight 100", {"loss": {"at": {"weight": 100.0}}}),
-    "at_last": ("attention transfer at layer3 only", {"model": {"taps": ["layer3"]}}),
     "disc_softmax": ("discriminator on softmax outputs", {"disc": {"input": "softmax"}}),
-    "disc_lr_1e-3": ("discriminator Adam lr 1e-3", {"disc": {"lr": 1e-3}}),
-    "disc_narrow": ("discriminator hidden [64]", {"disc": {"hidden": [64]}}),
-    "kd_T2": ("KD temperature 2", {"loss": {"kd": {"temperature": 2.0}}}),
-    "kd_0.7": ("KD weight 0.7, CE 0.3", {"loss": {"kd": {"weight": 0.7}, "ce": {"weight": 0.3}}}),
     "lr_0.05": ("recovery lr 0.05", {"train": {"lr": 0.05}}),
+    "kd_T2": ("KD temperature 2", {"loss": {"kd": {"temperature": 2.0}}}),
+    "disc_lr_1e-3": ("discriminator Adam lr 1e-3", {"disc": {"lr": 1e-3}}),
+    "at_last": ("attention transfer at layer3 only", {"model": {"taps": ["layer3"]}}),
+    "disc_narrow": ("discriminator hidden [64]", {"disc": {"hidden": [64]}}),
+    "kd_0.7": ("KD weight 0.7, CE 0.3", {"loss": {"kd": {"weight": 0.7}, "ce": {"weight": 0.3}}}),
     "lr_step": ("recovery lr schedule step", {"train": {"scheduler": "step"}}),
 }
 
