@@ -211,10 +211,15 @@ def redundancy_scores(vectors: torch.Tensor, strength: torch.Tensor | None = Non
     """Scores (low = goes first) that remove one channel of each redundant pair before any distinct channel.
 
     `vectors` (channels, features) are compared by cosine distance. Greedily, the closest pair among the remaining
-    channels gives up the member with the smaller `strength` (L2 norm by default), which leaves the others;
-    its score is the distance at which it went (made non-decreasing). So a duplicate goes first while its twin,
-    no longer having a near neighbour, stays. Nearest neighbours are kept per channel and refreshed only when one
-    goes, which keeps this near O(C^2).
+    channels gives up the member with the smaller `strength` (L2 norm by default), which leaves the others. So a
+    duplicate goes first while its twin, no longer having a near neighbour, stays. Nearest neighbours are kept per
+    channel and refreshed only when one goes, which keeps this near O(C^2).
+
+    The score is the channel's place in that order over the width, (k + 1) / C: only the order within the layer
+    carries meaning, so globally ranked groups lose similar fractions. Scoring by the merge distance instead (even
+    divided by its mean) let narrow early layers fall to 2 of 16 channels: on the published CIFAR ResNet-20, a
+    second interval from 0.707 to 0.5 of the FLOPs left 28.9% top-1 after BatchNorm recalibration (at commit
+    70a6b88), against 44.1% for L1 and 44.3% for these ranks (`python benchmarks/criterion_probe.py`, 2-core CPU).
     """
     v = vectors.detach().float()
     c = v.shape[0]
@@ -226,21 +231,18 @@ def redundancy_scores(vectors: torch.Tensor, strength: torch.Tensor | None = Non
     dist.fill_diagonal_(float("inf"))
     alive = torch.ones(c, dtype=torch.bool)
     nn_dist, nn_idx = dist.min(dim=1)
-    scores = torch.zeros(c)
-    level = 0.0
-    for _ in range(c - 1):
+    scores = torch.full((c,), float(c))  # the last survivor
+    for k in range(c - 1):
         i = int(torch.where(alive, nn_dist, torch.inf).argmin())
         j = int(nn_idx[i])
         drop = i if strength[i] <= strength[j] else j
-        level = max(level, float(nn_dist[i]))
-        scores[drop] = level
+        scores[drop] = float(k + 1)
         alive[drop] = False
         dist[:, drop] = float("inf")
         stale = (alive & (nn_idx == drop)).nonzero().flatten()
         if len(stale):
             nn_dist[stale], nn_idx[stale] = dist[stale].min(dim=1)
-    scores[alive] = 2.0 * level if level > 0 else 1.0
-    return scores / scores.mean().clamp_min(1e-12)
+    return scores / c
 
 
 class SimilarityImportance(tp.importance.Importance):
