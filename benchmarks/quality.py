@@ -226,8 +226,9 @@ def complete(run_dir: Path, key: str, cfg: dict) -> dict | None:
     return {"report": report, **meta}
 
 
-def run_arm(cfg: dict, key_parts: dict, work: Path, label: str) -> dict:
-    """Run one arm in work/<label>-<key> (reused when complete with the same key); its report and wall time."""
+def run_arm(cfg: dict, key_parts: dict, work: Path, label: str, dry: bool = False) -> dict | None:
+    """Run one arm in work/<label>-<key> (reused when complete with the same key); its report and wall time.
+    `dry`: only a complete cached run, else None."""
     import yaml
 
     from aip.train import main as train_main
@@ -238,6 +239,8 @@ def run_arm(cfg: dict, key_parts: dict, work: Path, label: str) -> dict:
     if done is not None:
         print(f"{label}: cached in {run_dir}", flush=True)
         return {**done, "cached": True, "run_dir": str(run_dir)}
+    if dry:
+        return None
     # The run directory holds only the run (aip refuses foreign files there); our records lie beside it.
     cfg_path = run_dir.with_name(run_dir.name + ".yaml")
     done_path = run_dir.with_name(run_dir.name + ".done.json")
@@ -278,6 +281,11 @@ def main() -> None:
     parser.add_argument("--weights", default=str(SHARED / "weights"), help="folder of the published teachers")
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
     parser.add_argument("--work", default=str(REPO / "benchmarks" / ".cache" / "quality"), help="run directories")
+    parser.add_argument(
+        "--no-run",
+        action="store_true",
+        help="run nothing: report the complete cached runs of this code (seeds that every arm finished) as *-partial",
+    )
     args = parser.parse_args()
     seeds = list(range(args.seeds if args.seeds is not None else (1 if args.quick else 3)))
     if not seeds:
@@ -302,13 +310,16 @@ def main() -> None:
     key_parts = {"code": key_code, "teacher_sha256": file_sha256(weights)}
     started = time.perf_counter()
     runs: dict = {t: {arm: [] for arm in ARMS} for t in TARGETS}
-    teacher_row = None
+    teacher_row, missing = None, []
     for target in TARGETS:
         for seed in seeds:  # seed-major: a cut-short sitting still has paired arms for the seeds it reached
             for arm in ARMS:
                 cfg = arm_config(arm, model, weights, data, s, float(target), seed)
                 label = f"{args.model}-{arm}-t{target}-s{seed}"
-                done = run_arm(cfg, key_parts, work, label)
+                done = run_arm(cfg, key_parts, work, label, dry=args.no_run)
+                if done is None:
+                    missing.append(label)
+                    continue
                 report = done["report"]
                 t, final = report["teacher"], report["stages"][-1]
                 teacher_row = teacher_row or t
@@ -338,15 +349,23 @@ def main() -> None:
                     }
                 )
                 print(f"{label}: top-1 {final['top1']:.2f} ({done['seconds']:.0f} s)", flush=True)
-    results = {t: {arm: [r["top1"] for r in rs] for arm, rs in runs[t].items()} for t in TARGETS}
-    curves = {t: {arm: [r["curve"] for r in rs] for arm, rs in runs[t].items()} for t in TARGETS}
+    if missing:  # --no-run: keep the seeds every arm of a target finished, and the targets that have one
+        for t in TARGETS:
+            full = [x for x in seeds if all(any(r["seed"] == x for r in rs) for rs in runs[t].values())]
+            runs[t] = {arm: [r for r in rs if r["seed"] in full] for arm, rs in runs[t].items()}
+        runs = {t: rs for t, rs in runs.items() if rs["a_ce"]}
+        if not runs:
+            fail(f"no target has a seed that every arm finished with this code; missing: {', '.join(missing)}")
+    targets = list(runs)
+    results = {t: {arm: [r["top1"] for r in rs] for arm, rs in runs[t].items()} for t in targets}
+    curves = {t: {arm: [r["curve"] for r in rs] for arm, rs in runs[t].items()} for t in targets}
     stats = {
         t: {
             "per_arm": {arm: describe(v) for arm, v in results[t].items()},
             "vs_a": {arm: paired(v, results[t]["a_ce"]) for arm, v in results[t].items() if arm != "a_ce"},
             "steps": {f"{x} - {y}": paired(results[t][x], results[t][y]) for x, y in STEPS},
         }
-        for t in TARGETS
+        for t in targets
     }
     cpu = platform.processor() or platform.machine()
     out = {
@@ -359,7 +378,9 @@ def main() -> None:
             "published_top1": model["published_top1"],
             **teacher_row,
         },
-        "seeds": seeds,
+        "seeds": sorted({r["seed"] for t in targets for r in runs[t]["a_ce"]}),
+        "seeds_per_target": {t: [r["seed"] for r in runs[t]["a_ce"]] for t in targets},
+        "missing": missing,
         "results": results,
         "curves": curves,
         "paired": stats,
@@ -377,7 +398,7 @@ def main() -> None:
     }
     dest = Path(args.out)
     dest.mkdir(parents=True, exist_ok=True)
-    stem = "quality-quick" if args.quick else "quality"
+    stem = ("quality-quick" if args.quick else "quality") + ("-partial" if missing else "")
     (dest / f"{stem}.json").write_text(json.dumps(out, indent=1))
     lines = markdown(out, tag)
     (dest / f"{stem}.md").write_text("\n".join(lines) + "\n")

@@ -52,9 +52,15 @@ def markdown(out: dict, tag: str) -> list[str]:
         f"{s['acp']['particles']} particles x {s['acp']['iterations']} iterations x {s['acp']['recovery_steps']} "
         f"steps, {s['acp']['holdout_size']} held-out images: {s['acp_search_steps']} training steps besides the "
         f"{s['recovery_steps']} of every arm's recovery) then one AIP recovery of {s['recovery_epochs']} epochs. "
-        f"Top-1 on the full 10,000-image test set; seeds {out['seeds']}.",
+        f"Top-1 on the full 10,000-image test set; seeds {out['seeds_per_target']}.",
         "",
     ]
+    if out.get("missing"):
+        lines += [
+            f"**Partial** (`--no-run`): {len(out['missing'])} runs of this code are not finished yet and are left "
+            f"out, with every seed of a target that lacks one of its arms: {', '.join(out['missing'])}.",
+            "",
+        ]
     for target in out["results"]:
         runs, stats = out["runs"][target], out["paired"][target]
         lines += [
