@@ -139,8 +139,8 @@ def plot_curves(out: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(out["results"]), figsize=(5.5 * len(out["results"]), 4.2))
-    for ax, target in zip(axes, out["results"], strict=True):
+    fig, axes = plt.subplots(1, len(out["results"]), figsize=(5.5 * len(out["results"]), 4.2), squeeze=False)
+    for ax, target in zip(axes[0], out["results"], strict=True):
         for i, (arm, per_seed) in enumerate(out["curves"][target].items()):
             points = mean_curve(per_seed)
             ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", ms=3, color=f"C{i}", label=arm)
@@ -165,8 +165,8 @@ def plot(out: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(out["results"]), figsize=(5.5 * len(out["results"]), 4.2), sharey=False)
-    for ax, target in zip(axes, out["results"], strict=True):
+    fig, axes = plt.subplots(1, len(out["results"]), figsize=(5.5 * len(out["results"]), 4.2), squeeze=False)
+    for ax, target in zip(axes[0], out["results"], strict=True):
         for i, arm in enumerate(out["results"][target]):
             values = out["results"][target][arm]
             ax.scatter([i] * len(values), values, color="0.6", s=12, zorder=2)
