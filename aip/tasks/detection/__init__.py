@@ -1,0 +1,1 @@
+"""Object detection: data sets, detectors, their prunable view and the mAP evaluator."""
