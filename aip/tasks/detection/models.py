@@ -37,8 +37,9 @@ def _torchvision_kwargs(name: str, num_classes: int, kwargs: dict[str, Any]) -> 
 def _fixed_size(model: SSD, name: str, image_size: int | None) -> SSD:
     """Make an SSD's transform resize every image to image_size x image_size."""
     if image_size is not None:
-        if image_size < SSD_MIN_SIZE.get(name, 32):
-            raise ConfigError(f"model: {name} needs images of at least {SSD_MIN_SIZE.get(name, 32)} px, got {image_size}")
+        least = SSD_MIN_SIZE.get(name, 32)
+        if image_size < least:
+            raise ConfigError(f"model: {name} needs images of at least {least} px, got {image_size}")
         model.transform.min_size, model.transform.max_size = (image_size,), image_size
         model.transform.fixed_size = (image_size, image_size)
     return model

@@ -89,7 +89,8 @@ def pennfudan(
         elif mask.is_file():
             boxes = pennfudan_boxes_from_mask(mask)
         else:
-            raise ConfigError(f"data.root: {image.name} has neither Annotation/{annotation.name} nor PedMasks/{mask.name}")
+            missing = f"neither Annotation/{annotation.name} nor PedMasks/{mask.name}"
+            raise ConfigError(f"data.root: {image.name} has {missing}")
         n = len(boxes)
         records.append(Record(image, boxes, torch.ones(n, dtype=torch.long), torch.zeros(n, dtype=torch.long)))
     train, val = _splits(records, val_size, seed)
@@ -117,7 +118,8 @@ def _voc_record(root: Path, image_id: str, classes: dict[str, int]) -> Record:
         if isinstance(exc, ConfigError):
             raise
         raise ConfigError(f"data.root: cannot read {path} ({type(exc).__name__}: {exc})") from None
-    return Record(root / "JPEGImages" / f"{image_id}.jpg", _boxes(rows), torch.tensor(labels).long(), torch.tensor(flags).long())
+    image = root / "JPEGImages" / f"{image_id}.jpg"
+    return Record(image, _boxes(rows), torch.tensor(labels).long(), torch.tensor(flags).long())
 
 
 def _voc_split(root: Path, split: str, classes: dict[str, int]) -> list[Record]:
@@ -169,7 +171,8 @@ def _coco_split(root: Path, images: str, annotations: str) -> tuple[list[Record]
             crowd = torch.tensor([int(a.get("iscrowd", 0)) for a in anns]).long()
             records.append(Record(folder / img["file_name"], _boxes(rows), labels, crowd))
     except OSError as exc:
-        raise ConfigError(f"data.root: cannot read {path} ({exc.strerror or exc}); coco expects {COCO_LAYOUT}") from None
+        reason = exc.strerror or exc
+        raise ConfigError(f"data.root: cannot read {path} ({reason}); coco expects {COCO_LAYOUT}") from None
     except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
         raise ConfigError(f"data.root: {path} is not a COCO instances file ({type(exc).__name__}: {exc})") from None
     return records, categories
