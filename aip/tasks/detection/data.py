@@ -13,9 +13,10 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset
 from torchvision import tv_tensors
-from torchvision.io import ImageReadMode, decode_image
+from torchvision.transforms.v2.functional import pil_to_tensor
 
 from aip.errors import ConfigError
+from aip.images import load_image
 from aip.registry import Registry
 from aip.tasks.detection.transforms import Sample, SeededTransform, detection_transform
 
@@ -59,7 +60,7 @@ class DetectionSet(Dataset):
 
     def __getitem__(self, i: int) -> Sample:
         rec = self.records[i]
-        image = tv_tensors.Image(decode_image(str(rec.image), mode=ImageReadMode.RGB))
+        image = tv_tensors.Image(pil_to_tensor(load_image(str(rec.image))))
         target = make_target(rec.boxes, rec.labels, rec.iscrowd, tuple(image.shape[-2:]))
         if self.transform is None:
             return image, target

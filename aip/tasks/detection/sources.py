@@ -12,7 +12,8 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import torch
-from torchvision.io import decode_image
+from PIL import Image
+from torchvision.transforms.v2.functional import pil_to_tensor
 
 from aip.errors import ConfigError
 from aip.tasks.detection.data import (
@@ -48,7 +49,8 @@ def _boxes(rows: list[list[float]]) -> torch.Tensor:
 
 def pennfudan_boxes_from_mask(mask_path: Path) -> torch.Tensor:
     """One XYXY box per instance id of a Penn-Fudan mask (0 is background), in id order; x2, y2 exclusive."""
-    mask = decode_image(str(mask_path))[0]
+    with Image.open(mask_path) as file:
+        mask = pil_to_tensor(file)[0]
     rows = []
     for instance in mask.unique().tolist():
         if instance == 0:
