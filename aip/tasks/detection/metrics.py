@@ -23,6 +23,7 @@ def _cpu(d: dict[str, torch.Tensor], keys: tuple[str, ...]) -> Detections:
 def mean_average_precision(records: Iterable[Record]) -> dict[str, float]:
     """mAP@[.5:.95] ("map") and mAP@.5 ("map50") in percent over (prediction, target) pairs; -1 without objects."""
     metric = MeanAveragePrecision(iou_type="bbox", backend="pycocotools")
+    metric.warn_on_many_detections = False  # COCO's rule: the 100 best-scored detections per image count
     for pred, target in records:
         metric.update([pred], [target])
     result = metric.compute()

@@ -34,12 +34,16 @@ def _torchvision_kwargs(name: str, num_classes: int, kwargs: dict[str, Any]) -> 
     return {**kwargs, "weights": None, "weights_backbone": None, "num_classes": num_classes}
 
 
-def _fixed_size(model: SSD, name: str, image_size: int | None) -> SSD:
+def _check_ssd_size(name: str, image_size: int | None) -> None:
+    """SSD-style models resize to a fixed square; some need a minimum size (checked before building)."""
+    least = SSD_MIN_SIZE.get(name, 32)
+    if image_size is not None and image_size < least:
+        raise ConfigError(f"model: {name} needs images of at least {least} px, got {image_size}")
+
+
+def _fixed_size(model: SSD, image_size: int | None) -> SSD:
     """Make an SSD's transform resize every image to image_size x image_size."""
     if image_size is not None:
-        least = SSD_MIN_SIZE.get(name, 32)
-        if image_size < least:
-            raise ConfigError(f"model: {name} needs images of at least {least} px, got {image_size}")
         model.transform.min_size, model.transform.max_size = (image_size,), image_size
         model.transform.fixed_size = (image_size, image_size)
     return model
@@ -57,7 +61,8 @@ def _rcnn_style(builder: Any) -> Any:
 
 def _ssd_style(builder: Any) -> Any:
     def build(name: str, num_classes: int, image_size: int | None, **kwargs: Any) -> nn.Module:
-        return _fixed_size(builder(**_torchvision_kwargs(name, num_classes, kwargs)), name, image_size)
+        _check_ssd_size(name, image_size)
+        return _fixed_size(builder(**_torchvision_kwargs(name, num_classes, kwargs)), image_size)
 
     return build
 
@@ -89,14 +94,33 @@ class TinyBackbone(nn.Module):
 
 
 @register_detector("tiny_ssd")
-def tiny_ssd(name: str, num_classes: int, image_size: int | None, width: int = 32, **kwargs: Any) -> nn.Module:
+def tiny_ssd(
+    name: str,
+    num_classes: int,
+    image_size: int | None,
+    width: int = 32,
+    score_thresh: float = 0.01,
+    nms_thresh: float = 0.45,
+    detections_per_img: int = 200,
+) -> nn.Module:
     """A small SSD (five conv blocks, three feature levels) that trains in seconds on CPU: for tests and demos."""
+    _check_ssd_size(name, image_size)
     size = 64 if image_size is None else image_size
     backbone = TinyBackbone(width)
     anchors = DefaultBoxGenerator([[2], [2], [2]], min_ratio=0.15, max_ratio=0.9)
     head = SSDHead(backbone.out_channels, anchors.num_anchors_per_location(), num_classes)
-    kwargs = {"image_mean": [0.5] * 3, "image_std": [0.25] * 3, "score_thresh": 0.01, **kwargs}
-    return SSD(backbone, anchors, (size, size), num_classes, head=head, **kwargs)
+    return SSD(
+        backbone,
+        anchors,
+        (size, size),
+        num_classes,
+        image_mean=[0.5] * 3,
+        image_std=[0.25] * 3,
+        head=head,
+        score_thresh=score_thresh,
+        nms_thresh=nms_thresh,
+        detections_per_img=detections_per_img,
+    )
 
 
 def create_detector(name: str, num_classes: int, image_size: int | None = None, **kwargs: Any) -> nn.Module:
