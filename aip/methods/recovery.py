@@ -65,7 +65,8 @@ def check_same_architecture(session: Session, model: nn.Module, stage: int) -> l
 
 def calibration(session: Session, stage: int, batches: int | None = None) -> Callable[[nn.Module], None]:
     """Forward and backward passes on fixed training batches (the same on every process); `.grad` is averaged
-    over processes. Gradient criteria read `.grad`, feature criteria and the capacity analysis hook the passes."""
+    over processes. Gradient criteria read `.grad`, feature criteria and the capacity analysis hook the passes;
+    called under torch.no_grad (a criterion that reads no gradients), it runs the forward passes only."""
     cfg = session.cfg
 
     def calibrate(model: nn.Module) -> None:
@@ -76,7 +77,9 @@ def calibration(session: Session, stage: int, batches: int | None = None) -> Cal
             for i, (x, y) in enumerate(loader):
                 if i == (batches or cfg.prune.calibration_batches):
                     break
-                F.cross_entropy(model(x.to(device)), y.to(device)).backward()
+                loss = F.cross_entropy(model(x.to(device)), y.to(device))
+                if loss.requires_grad:
+                    loss.backward()
         for p in model.parameters():
             if p.grad is not None:
                 p.grad = session.accelerator.reduce(p.grad, "mean")

@@ -307,11 +307,12 @@ class ChannelPruner:
             calibrate(self.model)
 
     def _record_features(self, importance: tp.importance.Importance, calibrate: Callable | None) -> None:
-        """Record the current model's feature maps on calibration batches when the criterion reads them."""
+        """Record the current model's feature maps on calibration batches when the criterion reads them; for one
+        that reads no gradients, under torch.no_grad (forward passes only: `calibrate` must then skip backward)."""
         if needs_features(importance):
             if calibrate is None:
                 raise PruningError("this criterion reads feature maps: pass a calibrate function")
-            with importance.recording(self.model):
+            with importance.recording(self.model), torch.set_grad_enabled(needs_gradients(importance)):
                 calibrate(self.model)
             self.model.zero_grad(set_to_none=True)
 

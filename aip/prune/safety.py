@@ -132,10 +132,15 @@ class Snapshot:
             attrs = {k: v for k, v in vars(module).items() if k not in ("_parameters", "_buffers", "_modules")}
             self.entries.append((module, attrs, dict(module._parameters), dict(module._buffers)))
         self.data: list[tuple[nn.Parameter, torch.Tensor]] = []
+        self.slices: list[tuple[nn.Parameter, int, torch.Tensor, torch.Tensor]] = []
 
     def keep_data(self, param: nn.Parameter) -> None:
         """Remember a parameter's current values before they are changed in place."""
         self.data.append((param, param.data))
+
+    def keep_slices(self, param: nn.Parameter, axis: int, index: torch.Tensor) -> None:
+        """Remember the values of a parameter's slices `index` along `axis` before they are changed in place."""
+        self.slices.append((param, axis, index, param.data.index_select(axis, index)))
 
     def restore(self) -> None:
         for module, attrs, params, buffers in self.entries:
@@ -148,6 +153,8 @@ class Snapshot:
             vars(module).update(attrs)
         for param, data in self.data:
             param.data = data
+        for param, axis, index, values in reversed(self.slices):
+            param.data.index_copy_(axis, index, values)
 
 
 @torch.no_grad()
@@ -171,20 +178,19 @@ def silence(group: tp.dependency.Group, graph: tp.DependencyGraph, snapshot: Sna
         else:
             return False
         for param, axis, channels, conv in weights:
-            snapshot.keep_data(param)
-            data = param.data.clone()
-            if conv is not None and conv.groups > 1:
+            if conv is not None and conv.groups > 1 and not conv.transposed:
+                snapshot.keep_data(param)
+                data = param.data.clone()
                 per_in = conv.in_channels // conv.groups
                 per_out = conv.out_channels // conv.groups
                 for c in channels:
                     g, local = divmod(c, per_in)
-                    if conv.transposed:
-                        data[c] = 0
-                    else:
-                        data[g * per_out : (g + 1) * per_out, local] = 0
-            else:
-                data.index_fill_(axis, torch.as_tensor(channels, device=data.device), 0)
-            param.data = data
+                    data[g * per_out : (g + 1) * per_out, local] = 0
+                param.data = data
+            else:  # only the silenced slices are kept, and zeroed in place
+                index = torch.as_tensor(channels, device=param.device)
+                snapshot.keep_slices(param, axis, index)
+                param.data.index_fill_(axis, index, 0)
     return True
 
 
