@@ -262,6 +262,8 @@ def validate(cfg: Config) -> None:
     _positive("prune.epochs_between", cfg.prune.epochs_between, zero_ok=True)
     _positive("prune.finetune_epochs", cfg.prune.finetune_epochs, zero_ok=True)
     _positive("prune.calibration_batches", cfg.prune.calibration_batches)
+    if cfg.prune.round_to is not None:
+        _positive("prune.round_to", cfg.prune.round_to)
     _choice("prune.hybrid.similarity", cfg.prune.hybrid.similarity, ("similarity", "fpgm"))
     hybrid = cfg.prune.hybrid
     if (hybrid.switch_interval is None) == (hybrid.switch_fraction is None):

@@ -59,6 +59,7 @@ def test_resolved_config_round_trips(tmp_path: Path) -> None:
         (["model.teacher_checkpoint=/no/such.pt"], "model.teacher_checkpoint: no file"),
         (["prune.target_params_ratio=0.5"], "set exactly one of target_flops_ratio and target_params_ratio"),
         (["bogus"], "expected key=value"),
+        (["prune.round_to=0"], "prune.round_to: must be > 0"),
     ],
 )
 def test_bad_values_give_one_line_naming_the_key(overrides: list[str], fragment: str) -> None:

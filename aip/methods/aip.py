@@ -118,7 +118,9 @@ def run_aip(session: Session, resume: Path | None = None, branch: Path | None = 
     student = copy.deepcopy(teacher).requires_grad_(True).train()
     disc = discriminator(session)
     example = session.example.to(acc.device)
-    pruner = ChannelPruner(student, example, [classifier_of(student)], cfg.prune.max_layer_ratio)
+    pruner = ChannelPruner(
+        student, example, [classifier_of(student)], cfg.prune.max_layer_ratio, cfg.prune.round_to or 1
+    )
     taps = tap_names(session, student)
     base = session.cost(student)
     metric = "flops" if cfg.prune.target_flops_ratio is not None else "params"
