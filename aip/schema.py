@@ -160,6 +160,11 @@ class PruneConfig:
     target_params_ratio: float | None = option(
         None, "fraction of the teacher's parameters to keep; set this or target_flops_ratio"
     )
+    target_latency_ratio: float | None = option(
+        None,
+        "mode aip: fraction of the teacher's measured latency to keep (eval, data.batch_size, this run's device); "
+        "instead of the FLOPs or parameter target",
+    )
     intervals: int = option(3, "pruning intervals (stages) to reach the target in")
     epochs_between: int = option(1, "recovery epochs after each pruning interval")
     finetune_epochs: int = option(1, "fine-tuning epochs after the last interval (mode acp: the recovery)")

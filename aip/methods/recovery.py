@@ -215,11 +215,20 @@ def curve_point(session: Session, stage: Stage, epoch: int, student: nn.Module, 
 
 
 def end_stage(
-    session: Session, stage: Stage, student: nn.Module, val: DataLoader, base: dict[str, int], pruner: ChannelPruner
+    session: Session,
+    stage: Stage,
+    student: nn.Module,
+    val: DataLoader,
+    base: dict[str, float],
+    pruner: ChannelPruner,
+    latency: Callable[[nn.Module], float] | None = None,
 ) -> None:
-    """Evaluate the recovered student, add its row to the table, log it and checkpoint the stage."""
+    """Evaluate the recovered student, add its row to the table (with `latency_ms` when `latency` measures it),
+    log it and checkpoint the stage."""
     top1, top5 = session.evaluate(student, val)
     row = {"stage": stage.index, "kind": stage.kind, **session.cost(student), "top1": top1, "top5": top5}
+    if latency is not None:
+        row["latency_ms"] = latency(student)
     session.state.rows.append(row)
     if session.cfg.train.eval_each_epoch:
         session.state.curve.append({"stage": stage.index, "kind": stage.kind, "epoch": stage.epochs, "top1": top1})
@@ -229,5 +238,6 @@ def end_stage(
     session.print(
         f"stage {stage.index} ({stage.kind}): top-1 {top1:.2f}  top-5 {top5:.2f}  "
         f"FLOPs {row['flops'] / base['flops']:.3f}  params {row['params'] / base['params']:.3f}"
+        + (f"  latency {row['latency_ms'] / base['latency']:.3f}" if latency is not None else "")
     )
     session.save_checkpoint(stage.index, pruner.history())

@@ -21,7 +21,7 @@ from aip.prune.groups import PrunableGroup, enumerate_groups
 from aip.prune.importance import needs_features, needs_gradients
 from aip.prune.rounding import WidthGrid
 from aip.prune.safety import Snapshot, check_example, mismatch, outputs, silence
-from aip.prune.selection import Candidate, choose, group_candidates, rank
+from aip.prune.selection import Candidate, Pricer, choose, group_candidates, rank
 from aip.prune.widths import WidthCost
 
 History = list[list]
@@ -323,20 +323,22 @@ class ChannelPruner:
         importance: tp.importance.Importance,
         calibrate: Callable[[nn.Module], None] | None = None,
         tolerance: float = 0.02,
+        measure: Callable[[], float] | None = None,
+        pricer: Callable[[str], Pricer] | None = None,
     ) -> IntervalLog:
         """Remove the lowest-scored channels, globally ranked and capped per group, until the cost <= `target`.
 
-        `metric` is "flops" or "params". A step scores the channels (a data-driven criterion records its
-        calibration batches once for it) and removes those whose priced cost fills the remaining gap; a block of
-        channels that would overshoot the target by more than `tolerance` of it is passed over for the next one, so
-        narrow, expensive layers do not push the result far below the target. The pricing is exact where the
-        analytic model holds, so one step suffices unless a group's removal fails and is undone, or a hierarchical
-        order takes the groups in turn; each further step re-scores the model as it now is.
+        `metric` is "flops" or "params" (or a measured cost: `measure()` gives it, `pricer(metric)` prices removals).
+        A step scores the channels (a data-driven criterion records its calibration batches once for it) and removes
+        those whose priced cost fills the remaining gap, passing over a block that would overshoot the target by more
+        than `tolerance` of it. The analytic pricing is exact, so one step suffices unless a group's removal fails
+        and is undone, or a hierarchical order takes the groups in turn; each further step re-scores the model.
         """
         was_training = self.model.training
         self._calibrate_gradients(importance, calibrate)
         widths_before = self.widths()
-        before = current = self.cost(metric)
+        cost = measure or (lambda: self.cost(metric))
+        before = current = cost()
         steps = 0
         while current > target:
             self._record_features(importance, calibrate)  # feature maps of the current (partly pruned) model
@@ -349,14 +351,14 @@ class ChannelPruner:
                     + (", and the capacity limits of prune.capacity" if self.caps else "")
                     + "); raise the cap or the target ratio"
                 )
-            pricer, units = self.width_cost().pricer(metric), {g.name: g.unit for g in groups}
+            prices, units = (pricer or self.width_cost().pricer)(metric), {g.name: g.unit for g in groups}
             gap = current - target
             if self.order:  # the next group in line takes what it can before the next one is touched
                 first = candidates[0].name
                 candidates = [c for c in candidates if c.name == first]
-                gap = min(gap, pricer.peek(first, sum(len(c.units) for c in candidates) * units[first]))
-            self._remove(choose(candidates, pricer, units, gap, tolerance * target), groups)
-            current = self.cost(metric)
+                gap = min(gap, prices.peek(first, sum(len(c.units) for c in candidates) * units[first]))
+            self._remove(choose(candidates, prices, units, gap, tolerance * target), groups)
+            current = cost()
             steps += 1
         self.model.zero_grad(set_to_none=True)
         self.model.train(was_training)
