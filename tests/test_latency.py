@@ -3,6 +3,7 @@ times; a run with prune.target_latency_ratio reports the latency of each stage."
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
@@ -11,7 +12,7 @@ import yaml
 
 from aip.models import classifier_of, create_model
 from aip.prune.importance import create_importance
-from aip.prune.latency import LatencyTable, layer_times, measure_latency
+from aip.prune.latency import LatencyTable, layer_times, measure_latency, relative_latency
 from aip.prune.pruner import ChannelPruner
 from aip.train import main
 from tests.conftest import tiny_run
@@ -59,6 +60,9 @@ def test_layer_times_and_the_table_come_from_real_measurements() -> None:
     table = LatencyTable(pruner.width_cost(), times, total)
     assert set(table.slopes) == set(pruner.widths()) and all(s > 0 for s in table.slopes.values())
     assert pruner.model.training  # the mode is restored
+    twin = copy.deepcopy(pruner.model).train()
+    assert 0.5 < relative_latency(pruner.model, twin, x, warmup=1, repeats=5) < 2.0
+    assert pruner.model.training and twin.training
 
 
 def test_a_run_with_a_latency_target_reports_the_latency_of_each_stage(tmp_path: Path) -> None:

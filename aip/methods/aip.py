@@ -31,7 +31,7 @@ from aip.methods.train import copy_teacher, load_teacher
 from aip.models import classifier_of
 from aip.prune.capacity import LayerCapacity, estimate_capacity
 from aip.prune.importance import create_importance, criterion_for_interval
-from aip.prune.latency import LatencyTable, layer_times, measure_latency
+from aip.prune.latency import LatencyTable, layer_times, measure_latency, relative_latency
 from aip.prune.pruner import ChannelPruner
 from aip.prune.schedule import interval_targets
 from aip.session import Outcome, RunState, Session
@@ -58,10 +58,11 @@ def on_main(session: Session, measure: Callable[[], Any]) -> Any:
     return box[0]
 
 
-def latency_ms(session: Session, model: nn.Module) -> float:
-    """The model's latency in milliseconds at data.batch_size on the run's device (eval mode, median of repeats)."""
-    inputs = _batch(session)
-    return on_main(session, lambda: measure_latency(session.accelerator.unwrap_model(model), inputs))
+def latency_ms(session: Session, model: nn.Module, teacher: nn.Module, teacher_ms: float) -> float:
+    """The model's latency in milliseconds at data.batch_size on the run's device (eval mode, median of repeats):
+    its ratio to the teacher's, the two timed in turns, times the teacher's latency measured at the start."""
+    inputs, student = _batch(session), session.accelerator.unwrap_model(model)
+    return teacher_ms * on_main(session, lambda: relative_latency(student, teacher, inputs))
 
 
 def latency_table(session: Session, pruner: ChannelPruner) -> LatencyTable:
@@ -108,13 +109,22 @@ def apply_capacity(session: Session, student: nn.Module, pruner: ChannelPruner) 
     pruner.set_capacity({n: c.max_ratio for n, c in caps.items()}, order)
 
 
-def prune_stage(session: Session, stage: Stage, pruner: ChannelPruner, base: dict[str, int], metric: str) -> None:
-    """Prune the student to the stage's target with the interval's criterion, and log what was removed."""
+def prune_stage(
+    session: Session,
+    stage: Stage,
+    pruner: ChannelPruner,
+    base: dict[str, float],
+    metric: str,
+    teacher: nn.Module | None = None,
+) -> None:
+    """Prune the student to the stage's target with the interval's criterion, and log what was removed (a latency
+    target measures the student against `teacher`)."""
     cfg = session.cfg
     started = time.perf_counter()
     measure, pricer = None, None
     if metric == "latency":  # measured: every step measures again, with a table refreshed on the student as it is
-        measure, pricer = (lambda: latency_ms(session, pruner.model)), (lambda _: latency_table(session, pruner))
+        measure = lambda: latency_ms(session, pruner.model, teacher, base["latency"])  # noqa: E731
+        pricer = lambda _: latency_table(session, pruner)  # noqa: E731
     reached = (1.0 - (measure or (lambda: pruner.cost(metric)))() / base[metric]) / (1.0 - target_ratio(cfg))
     criterion = criterion_for_interval(cfg.prune, stage.index, reached)
     importance = create_importance(criterion, cfg.prune)
@@ -171,7 +181,7 @@ def run_aip(session: Session, resume: Path | None = None, branch: Path | None = 
     base: dict[str, float] = dict(session.cost(student))
     metric = target_metric(cfg)
     if metric == "latency":  # the teacher's, measured once (again on resume)
-        base["latency"] = latency_ms(session, teacher)
+        base["latency"] = on_main(session, lambda: measure_latency(teacher, _batch(session)))
     stages = plan_stages(cfg)
     val = acc.prepare_data_loader(session.val_loader())
 
@@ -202,7 +212,7 @@ def run_aip(session: Session, resume: Path | None = None, branch: Path | None = 
         student = acc.unwrap_model(student)
         resuming_here = partial is not None and partial["stage"] == stage.index
         if stage.target is not None and not resuming_here:
-            prune_stage(session, stage, pruner, base, metric)
+            prune_stage(session, stage, pruner, base, metric, teacher)
         prepared_student = recover(
             session,
             stage,
@@ -215,7 +225,7 @@ def run_aip(session: Session, resume: Path | None = None, branch: Path | None = 
             start=(partial["epoch"], partial["batch"]) if resuming_here else (0, 0),
             val=val,
         )
-        latency = (lambda m: latency_ms(session, m)) if metric == "latency" else None
+        latency = (lambda m: latency_ms(session, m, teacher, base["latency"])) if metric == "latency" else None
         end_stage(session, stage, prepared_student, val, base, pruner, latency)
 
     return session.finish(student, finished=ended)

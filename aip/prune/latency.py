@@ -1,6 +1,7 @@
 """Latency targets: measured time of the student instead of its FLOPs, and a per-group price of a channel in seconds.
 
-`measure_latency` times whole forward passes (eval mode, inference_mode, warm-up, median of repeats). `layer_times`
+`measure_latency` times whole forward passes (eval mode, inference_mode, warm-up, median of repeats);
+`relative_latency` times a student and its teacher in turns, which holds on a machine whose load changes. `layer_times`
 times each conv and linear layer inside such passes (forward hooks). `LatencyTable` turns those into a price per
 channel of every group: each layer's measured time, interpolated linearly in its FLOPs (so one channel of a layer
 costs its time times the share of its FLOPs that channel carries), summed over the group's layers, and scaled so
@@ -44,6 +45,31 @@ def measure_latency(model: nn.Module, inputs: torch.Tensor, warmup: int = 3, rep
     finally:
         model.train(was_training)
     return statistics.median(times)
+
+
+def relative_latency(
+    model: nn.Module, reference: nn.Module, inputs: torch.Tensor, warmup: int = 3, repeats: int = 10
+) -> float:
+    """The median latency of `model` over that of `reference` on `inputs`, the two timed in turns (eval mode,
+    inference_mode), so that a shared machine's changing load weighs on both alike; the modes are restored."""
+    modes = [model.training, reference.training]
+    model.eval()
+    reference.eval()
+    times: tuple[list[float], list[float]] = ([], [])
+    try:
+        with torch.inference_mode():
+            for i in range(warmup + repeats):
+                for net, spent in zip((model, reference), times, strict=True):
+                    _sync(inputs.device)
+                    start = time.perf_counter()
+                    net(inputs)
+                    _sync(inputs.device)
+                    if i >= warmup:
+                        spent.append(time.perf_counter() - start)
+    finally:
+        model.train(modes[0])
+        reference.train(modes[1])
+    return statistics.median(times[0]) / statistics.median(times[1])
 
 
 def layer_times(model: nn.Module, layers: list[nn.Module], inputs: torch.Tensor, repeats: int = 5) -> list[float]:
