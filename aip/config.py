@@ -245,23 +245,33 @@ def validate(cfg: Config) -> None:
     if len(set(cfg.logging.report_to)) < len(cfg.logging.report_to):
         raise ConfigError(f"logging.report_to: each tracker once, got {cfg.logging.report_to}")
 
-    for key, ratio in (
-        ("prune.target_flops_ratio", cfg.prune.target_flops_ratio),
-        ("prune.target_params_ratio", cfg.prune.target_params_ratio),
-    ):
+    p = cfg.prune
+    targets = {
+        "prune.target_flops_ratio": p.target_flops_ratio,
+        "prune.target_params_ratio": p.target_params_ratio,
+        "prune.target_latency_ratio": p.target_latency_ratio,
+    }
+    for key, ratio in targets.items():
         if ratio is not None and not 0.0 < ratio < 1.0:
             raise ConfigError(f"{key}: must lie in (0, 1), the fraction of the teacher to keep; got {ratio}")
     if cfg.mode in ("aip", "acp"):
-        if (cfg.prune.target_flops_ratio is None) == (cfg.prune.target_params_ratio is None):
+        if sum(ratio is not None for ratio in targets.values()) != 1:
             raise ConfigError(
-                "prune: set exactly one of target_flops_ratio and target_params_ratio (the other to null)"
+                "prune: set exactly one of target_flops_ratio, target_params_ratio and target_latency_ratio "
+                "(the others to null)"
             )
+        if p.target_latency_ratio is not None and cfg.mode == "acp":
+            raise ConfigError("prune.target_latency_ratio: mode acp searches under a FLOPs or parameter budget")
+        if p.target_latency_ratio is not None and p.activation.mode == "threshold":
+            raise ConfigError("prune.target_latency_ratio: activation.mode threshold needs a FLOPs or params target")
     if not 0.0 < cfg.prune.max_layer_ratio < 1.0:
         raise ConfigError(f"prune.max_layer_ratio: must lie in (0, 1); got {cfg.prune.max_layer_ratio}")
     _positive("prune.intervals", cfg.prune.intervals)
     _positive("prune.epochs_between", cfg.prune.epochs_between, zero_ok=True)
     _positive("prune.finetune_epochs", cfg.prune.finetune_epochs, zero_ok=True)
     _positive("prune.calibration_batches", cfg.prune.calibration_batches)
+    if cfg.prune.round_to is not None:
+        _positive("prune.round_to", cfg.prune.round_to)
     _choice("prune.hybrid.similarity", cfg.prune.hybrid.similarity, ("similarity", "fpgm"))
     hybrid = cfg.prune.hybrid
     if (hybrid.switch_interval is None) == (hybrid.switch_fraction is None):

@@ -160,6 +160,11 @@ class PruneConfig:
     target_params_ratio: float | None = option(
         None, "fraction of the teacher's parameters to keep; set this or target_flops_ratio"
     )
+    target_latency_ratio: float | None = option(
+        None,
+        "mode aip: fraction of the teacher's measured latency to keep (eval, data.batch_size, this run's device); "
+        "instead of the FLOPs or parameter target",
+    )
     intervals: int = option(3, "pruning intervals (stages) to reach the target in")
     epochs_between: int = option(1, "recovery epochs after each pruning interval")
     finetune_epochs: int = option(1, "fine-tuning epochs after the last interval (mode acp: the recovery)")
@@ -167,6 +172,11 @@ class PruneConfig:
         "geometric", "steps towards the target: geometric (same fraction of what is left) or linear (same share)"
     )
     max_layer_ratio: float = option(0.8, "no layer group may lose more than this fraction of its original channels")
+    round_to: int | None = option(
+        None,
+        "keep every pruned group's width a multiple of N (8 or 16 suit SIMD units and tensor cores; a group "
+        "narrower than N stays whole); null: any width",
+    )
     calibration_batches: int = option(
         4, "training batches used by data-dependent criteria (taylor, activation, similarity on features)"
     )

@@ -1,15 +1,18 @@
 """Speed benchmark: trainer overhead, real latency speed-up of pruned networks, and the cost of one pruning interval.
 
-    python benchmarks/speed.py [--quick] [--device cpu|cuda] [--out benchmarks/results]
+    python benchmarks/speed.py [--quick] [--device cpu|cuda] [--out benchmarks/results] [--only SECTION...]
 
 (i)   one AIP training step (the trainer's own DistillStep) against one plain cross-entropy step of the same student
       plus one teacher forward in inference mode, the three timed apart but in turns, on the same batch;
 (ii)  torchvision ResNet-18/50 (224x224) and CIFAR ResNet-56 (32x32) pruned to 50% and 25% of their FLOPs (L1):
       measured latency speed-up against the FLOPs speed-up, batch 1 and 32, eval mode, torch.inference_mode, with
       channels_last where it is faster;
-(iii) one pruning interval on ResNet-50 at 224x224: dependency graph, importance and removal, re-prepare.
+(iii) one pruning interval on ResNet-50 at 224x224 per criterion (l1, taylor, activation, similarity on feature
+      maps): dependency graph, one-time setup, the interval with its calibration passes, re-prepare;
+(iv)  CIFAR ResNet-56 at 50% FLOPs with any widths and with `prune.round_to: 8`: latency at batch 1 and 32.
 Figures are medians of repeated runs after warm-up, reported as ratios so they hold on a noisy machine. Results go
-to <out>/speed-<device>.json and .md, and a plot to <out>/speed-<device>.png.
+to <out>/speed-<device>.json and .md, and a plot to <out>/speed-<device>.png; `--only SECTION...` reruns some
+sections and keeps the others' saved results.
 """
 
 from __future__ import annotations
@@ -18,9 +21,7 @@ import argparse
 import copy
 import json
 import platform
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -32,54 +33,10 @@ from aip.config import LossConfig  # noqa: E402
 from aip.distill.discriminator import Discriminator  # noqa: E402
 from aip.distill.features import FeatureTaps  # noqa: E402
 from aip.distill.step import DistillStep  # noqa: E402
-from aip.models import classifier_of, create_model, default_taps  # noqa: E402
+from aip.models import create_model, default_taps  # noqa: E402
 from aip.prune.cost import model_cost  # noqa: E402
-from aip.prune.importance import create_importance  # noqa: E402
-from aip.prune.pruner import ChannelPruner  # noqa: E402
-
-
-def sync(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
-def median_time(fn, device: str, repeats: int, warmup: int) -> float:
-    """Median wall time of `fn()` in seconds over `repeats` runs after `warmup` runs."""
-    for _ in range(warmup):
-        fn()
-    sync(device)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        sync(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
-def interleaved_medians(fns: dict, device: str, repeats: int, warmup: int) -> dict[str, float]:
-    """Median wall time in seconds of each function, timed in turns (one call of each per round), so that a slow
-    phase of a shared machine weighs on all of them alike rather than on whichever ran then."""
-    for _ in range(warmup):
-        for fn in fns.values():
-            fn()
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            sync(device)
-            start = time.perf_counter()
-            fn()
-            sync(device)
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(values) for name, values in times.items()}
-
-
-def pruned_copy(model: nn.Module, example: torch.Tensor, ratio: float) -> nn.Module:
-    """A copy of `model` pruned by L1 to `ratio` of its FLOPs."""
-    model = copy.deepcopy(model)
-    pruner = ChannelPruner(model, example, [classifier_of(model)], max_layer_ratio=0.9)
-    pruner.prune_to(ratio * model_cost(model, example).flops, "flops", create_importance("l1"))
-    return model
+from benchmarks.speed_prune import interval_lines, interval_times, rounding_latency, rounding_lines  # noqa: E402
+from benchmarks.timing import interleaved_medians, load, median_time, pruned_copy  # noqa: E402
 
 
 def step_overhead(device: str, repeats: int, batch: int) -> dict:
@@ -176,78 +133,46 @@ def latency(device: str, repeats: int, batches: list[int], models: list[tuple[st
     return rows
 
 
-def interval_time(device: str) -> dict:
-    """(iii): one pruning interval on torchvision ResNet-50 at 224x224, its parts timed apart."""
-    from accelerate import Accelerator
-
-    acc = Accelerator(cpu=device == "cpu")
-    torch.manual_seed(0)
-    model = create_model("torchvision:resnet50", 1000).to(acc.device)
-    example = torch.randn(1, 3, 224, 224, device=acc.device)
-    start = time.perf_counter()
-    pruner = ChannelPruner(model, example, [classifier_of(model)], max_layer_ratio=0.8)
-    graph = time.perf_counter() - start
-    base = pruner.cost("flops")
-    start = time.perf_counter()
-    log = pruner.prune_to(0.8 * base, "flops", create_importance("l1"))
-    prune = time.perf_counter() - start
-    start = time.perf_counter()
-    acc.free_memory()
-    acc.prepare(model, torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9))
-    prepare = time.perf_counter() - start
-    return {
-        "model": "torchvision:resnet50",
-        "input": 224,
-        "flops_ratio_after": log.cost_after / base,
-        "removal_steps": log.steps,
-        "graph_s": graph,
-        "score_and_remove_s": prune,
-        "re_prepare_s": prepare,
-        "total_s": graph + prune + prepare,
-    }
-
-
 def write(results: dict, out: Path, device: str) -> None:
+    """The JSON, the markdown tables and the plot of whichever sections `results` holds."""
     out.mkdir(parents=True, exist_ok=True)
     (out / f"speed-{device}.json").write_text(json.dumps(results, indent=1))
-    s = results["step"]
-    lines = [
-        f"# Speed ({device}: {results['machine']})",
-        "",
-        f"Command: `{results['command']}`",
-        "",
-        f"## Trainer overhead (CIFAR ResNet-56 teacher, 50%-FLOPs student, batch {s['batch']})",
-        "",
-        "| AIP step | plain CE step | teacher forward | AIP / (plain + teacher) | AIP / plain |",
-        "|---|---|---|---|---|",
-        f"| {1000 * s['aip_step_s']:.1f} ms | {1000 * s['plain_step_s']:.1f} ms "
-        f"| {1000 * s['teacher_forward_s']:.1f} ms | {s['aip_over_plain_plus_teacher']:.3f} "
-        f"| {s['aip_over_plain']:.2f} |",
-        "",
-        "## Latency speed-up of pruned networks (eval, inference_mode)",
-        "",
-        "| model | batch | FLOPs ratio | FLOPs speed-up | latency speed-up | efficiency | base ms | pruned ms "
-        "| layout |",
-        "|---|---|---|---|---|---|---|---|---|",
-    ]
-    for r in results["latency"]:
-        lines.append(
-            f"| {r['model']} ({r['input']}px) | {r['batch']} | {r['flops_ratio']:.3f} | {r['flops_speedup']:.2f} "
-            f"| {r['latency_speedup']:.2f} | {r['efficiency']:.2f} | {r['base_ms']:.1f} | {r['pruned_ms']:.1f} "
-            f"| {r['layout']} |"
-        )
-    i = results["interval"]
-    lines += [
-        "",
-        "## One pruning interval (torchvision ResNet-50, 224px, to 80% FLOPs, L1)",
-        "",
-        "| dependency graph | score + remove | re-prepare | total |",
-        "|---|---|---|---|",
-        f"| {i['graph_s']:.2f} s | {i['score_and_remove_s']:.2f} s ({i['removal_steps']} steps) "
-        f"| {i['re_prepare_s']:.3f} s | {i['total_s']:.2f} s |",
-    ]
+    lines = [f"# Speed ({device}: {results['machine']})", "", f"Command: `{results['command']}`"]
+    if "step" in results:
+        s = results["step"]
+        lines += [
+            "",
+            f"## Trainer overhead (CIFAR ResNet-56 teacher, 50%-FLOPs student, batch {s['batch']})",
+            "",
+            "| AIP step | plain CE step | teacher forward | AIP / (plain + teacher) | AIP / plain |",
+            "|---|---|---|---|---|",
+            f"| {1000 * s['aip_step_s']:.1f} ms | {1000 * s['plain_step_s']:.1f} ms "
+            f"| {1000 * s['teacher_forward_s']:.1f} ms | {s['aip_over_plain_plus_teacher']:.3f} "
+            f"| {s['aip_over_plain']:.2f} |",
+        ]
+    if "latency" in results:
+        lines += [
+            "",
+            "## Latency speed-up of pruned networks (eval, inference_mode)",
+            "",
+            "| model | batch | FLOPs ratio | FLOPs speed-up | latency speed-up | efficiency | base ms | pruned ms "
+            "| layout |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
+        for r in results["latency"]:
+            lines.append(
+                f"| {r['model']} ({r['input']}px) | {r['batch']} | {r['flops_ratio']:.3f} "
+                f"| {r['flops_speedup']:.2f} | {r['latency_speedup']:.2f} | {r['efficiency']:.2f} "
+                f"| {r['base_ms']:.1f} | {r['pruned_ms']:.1f} | {r['layout']} |"
+            )
+    runs = results.get("runs", {})
+    if isinstance(results.get("interval"), list):
+        lines += interval_lines(results["interval"], runs.get("interval", ""))
+    if "rounding" in results:
+        lines += rounding_lines(results["rounding"], runs.get("rounding", ""))
     (out / f"speed-{device}.md").write_text("\n".join(lines) + "\n")
-    plot(results["latency"], out / f"speed-{device}.png")
+    if "latency" in results:
+        plot(results["latency"], out / f"speed-{device}.png")
     print("\n".join(lines))
 
 
@@ -273,28 +198,43 @@ def plot(rows: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+SECTIONS = ("step", "latency", "interval", "rounding")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--quick", action="store_true", help="fewer repeats, CIFAR ResNet-56 and ResNet-18 only")
     parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
+    parser.add_argument(
+        "--only", nargs="+", choices=SECTIONS, help="run these sections; the others keep their saved results"
+    )
     args = parser.parse_args()
     repeats = 5 if args.quick else 11
     models = [("cifar_resnet56", 32), ("torchvision:resnet18", 224)]
     if not args.quick:
         models.append(("torchvision:resnet50", 224))
-    results = {
-        "command": "python benchmarks/speed.py" + (" --quick" if args.quick else "") + f" --device {args.device}",
-        "machine": (
-            torch.cuda.get_device_name()
-            if args.device == "cuda"
-            else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
-        ),
-        "torch": torch.__version__,
-        "step": step_overhead(args.device, repeats, 64),
-        "latency": latency(args.device, repeats, [1, 32], models),
-        "interval": interval_time(args.device),
+    saved = Path(args.out) / f"speed-{args.device}.json"
+    results = json.loads(saved.read_text()) if args.only and saved.is_file() else {}
+    command = "python benchmarks/speed.py" + (" --quick" if args.quick else "") + f" --device {args.device}"
+    machine = (
+        torch.cuda.get_device_name()
+        if args.device == "cuda"
+        else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+    )
+    if not results:  # a full run; a partial one keeps the full run's header and notes its own per section
+        results.update({"command": command, "machine": machine, "torch": torch.__version__})
+    run = {
+        "step": lambda: step_overhead(args.device, repeats, 64),
+        "latency": lambda: latency(args.device, repeats, [1, 32], models),
+        "interval": lambda: interval_times(args.device),
+        "rounding": lambda: rounding_latency(args.device, 3 * repeats),
     }
+    for section in args.only or SECTIONS:
+        started = load()
+        results[section] = run[section]()
+        note = f"`{command} --only {' '.join(args.only)}` on {machine}" if args.only else f"`{command}`"
+        results.setdefault("runs", {})[section] = f"{note}, {started} when it started, torch {torch.__version__}"
     write(results, Path(args.out), args.device)
 
 

@@ -57,8 +57,15 @@ def test_resolved_config_round_trips(tmp_path: Path) -> None:
         (["prune.capacity.tau=1.5"], "prune.capacity.tau: must lie in (0, 1]"),
         (["mode=acp", "acp.holdout_size=5000"], "acp.holdout_size: 5000 leaves no training data"),
         (["model.teacher_checkpoint=/no/such.pt"], "model.teacher_checkpoint: no file"),
-        (["prune.target_params_ratio=0.5"], "set exactly one of target_flops_ratio and target_params_ratio"),
+        (["prune.target_params_ratio=0.5"], "set exactly one of target_flops_ratio, target_params_ratio and"),
+        (["prune.target_latency_ratio=0.5"], "set exactly one of target_flops_ratio, target_params_ratio and"),
+        (["prune.target_latency_ratio=1.5"], "prune.target_latency_ratio: must lie in (0, 1)"),
+        (
+            ["mode=acp", "prune.target_flops_ratio=null", "prune.target_latency_ratio=0.5"],
+            "prune.target_latency_ratio: mode acp searches under a FLOPs or parameter budget",
+        ),
         (["bogus"], "expected key=value"),
+        (["prune.round_to=0"], "prune.round_to: must be > 0"),
     ],
 )
 def test_bad_values_give_one_line_naming_the_key(overrides: list[str], fragment: str) -> None:

@@ -58,7 +58,8 @@ def test_similarity_removes_a_planted_duplicate_before_any_distinct_filter(sourc
     base = model_cost(model, example).flops
 
     def calibrate(m: nn.Module) -> None:
-        m(torch.randn(16, 3, 16, 16)).sum().backward()
+        assert not torch.is_grad_enabled()  # feature maps only: forward passes, no backward
+        m(torch.randn(16, 3, 16, 16))
 
     one_channel_of_b = 2 * 16 * 3 * 3 * 16 * 16  # FLOPs of one output channel of conv b
     log = pruner.prune_to(base - one_channel_of_b / 2, "flops", importance, calibrate)

@@ -68,7 +68,13 @@ def run_acp(session: Session, resume: Path | None = None) -> Outcome:
     teacher = load_teacher(session, resume.parent.parent if resume is not None else None)
     student = copy.deepcopy(teacher).requires_grad_(True).train()
     disc = discriminator(session)
-    pruner = ChannelPruner(student, session.example.to(acc.device), [classifier_of(student)], cfg.prune.max_layer_ratio)
+    pruner = ChannelPruner(
+        student,
+        session.example.to(acc.device),
+        [classifier_of(student)],
+        cfg.prune.max_layer_ratio,
+        cfg.prune.round_to or 1,
+    )
     base = session.cost(student)
     metric = "flops" if cfg.prune.target_flops_ratio is not None else "params"
     val = acc.prepare_data_loader(session.val_loader())

@@ -5,8 +5,12 @@ from __future__ import annotations
 
 import copy
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
+import torch
+from accelerate.utils import broadcast_object_list
 from safetensors.torch import load_file
 from torch import nn
 
@@ -27,15 +31,53 @@ from aip.methods.train import copy_teacher, load_teacher
 from aip.models import classifier_of
 from aip.prune.capacity import LayerCapacity, estimate_capacity
 from aip.prune.importance import create_importance, criterion_for_interval
+from aip.prune.latency import LatencyTable, layer_times, measure_latency, relative_latency
 from aip.prune.pruner import ChannelPruner
 from aip.prune.schedule import interval_targets
 from aip.session import Outcome, RunState, Session
 
 
 def target_ratio(cfg: Config) -> float:
-    """The fraction of the teacher's FLOPs (or parameters) the final student keeps."""
+    """The fraction of the teacher's FLOPs (or parameters, or measured latency) the final student keeps."""
     p = cfg.prune
-    return p.target_flops_ratio if p.target_flops_ratio is not None else p.target_params_ratio
+    return next(r for r in (p.target_flops_ratio, p.target_params_ratio, p.target_latency_ratio) if r is not None)
+
+
+def target_metric(cfg: Config) -> str:
+    """What the target counts: flops, params or latency (milliseconds)."""
+    p = cfg.prune
+    return "flops" if p.target_flops_ratio is not None else "params" if p.target_params_ratio is not None else "latency"
+
+
+def on_main(session: Session, measure: Callable[[], Any]) -> Any:
+    """`measure()` on the main process, its result on every process (timings differ between processes, and every
+    process must prune the same channels)."""
+    box = [measure() if session.main else None]
+    if session.accelerator.num_processes > 1:
+        broadcast_object_list(box)
+    return box[0]
+
+
+def latency_ms(session: Session, model: nn.Module, teacher: nn.Module, teacher_ms: float) -> float:
+    """The model's latency in milliseconds at data.batch_size on the run's device (eval mode, median of repeats):
+    its ratio to the teacher's, the two timed in turns, times the teacher's latency measured at the start."""
+    inputs, student = _batch(session), session.accelerator.unwrap_model(model)
+    return teacher_ms * on_main(session, lambda: relative_latency(student, teacher, inputs))
+
+
+def latency_table(session: Session, pruner: ChannelPruner) -> LatencyTable:
+    """The per-group price of a channel in milliseconds, from layer times measured on the student as it is now."""
+    table, inputs = pruner.width_cost(), _batch(session)
+    layers = [layer.module for layer in table.layers]
+    times, total = on_main(
+        session, lambda: (layer_times(pruner.model, layers, inputs), measure_latency(pruner.model, inputs))
+    )
+    return LatencyTable(table, times, total)
+
+
+def _batch(session: Session) -> torch.Tensor:
+    example = session.example.to(session.accelerator.device)
+    return example.repeat(session.cfg.data.batch_size, *[1] * (example.dim() - 1))
 
 
 def plan_stages(cfg: Config) -> list[Stage]:
@@ -67,11 +109,23 @@ def apply_capacity(session: Session, student: nn.Module, pruner: ChannelPruner) 
     pruner.set_capacity({n: c.max_ratio for n, c in caps.items()}, order)
 
 
-def prune_stage(session: Session, stage: Stage, pruner: ChannelPruner, base: dict[str, int], metric: str) -> None:
-    """Prune the student to the stage's target with the interval's criterion, and log what was removed."""
+def prune_stage(
+    session: Session,
+    stage: Stage,
+    pruner: ChannelPruner,
+    base: dict[str, float],
+    metric: str,
+    teacher: nn.Module | None = None,
+) -> None:
+    """Prune the student to the stage's target with the interval's criterion, and log what was removed (a latency
+    target measures the student against `teacher`)."""
     cfg = session.cfg
     started = time.perf_counter()
-    reached = (1.0 - pruner.cost(metric) / base[metric]) / (1.0 - target_ratio(cfg))
+    measure, pricer = None, None
+    if metric == "latency":  # measured: every step measures again, with a table refreshed on the student as it is
+        measure = lambda: latency_ms(session, pruner.model, teacher, base["latency"])  # noqa: E731
+        pricer = lambda _: latency_table(session, pruner)  # noqa: E731
+    reached = (1.0 - (measure or (lambda: pruner.cost(metric)))() / base[metric]) / (1.0 - target_ratio(cfg))
     criterion = criterion_for_interval(cfg.prune, stage.index, reached)
     importance = create_importance(criterion, cfg.prune)
     calibrate = calibration(session, stage.index)
@@ -81,7 +135,9 @@ def prune_stage(session: Session, stage: Stage, pruner: ChannelPruner, base: dic
         goal = f"channels under {cfg.prune.activation.threshold} of their layer's 0.9-quantile, floor "
         goal += f"{target_ratio(cfg):.3f}"
     else:
-        log = pruner.prune_to(stage.target * base[metric], metric, importance, calibrate)
+        log = pruner.prune_to(
+            stage.target * base[metric], metric, importance, calibrate, measure=measure, pricer=pricer
+        )
         goal = f"target {stage.target:.3f}"
     digests = check_same_architecture(session, pruner.model, stage.index)
     entry = {
@@ -118,10 +174,14 @@ def run_aip(session: Session, resume: Path | None = None, branch: Path | None = 
     student = copy.deepcopy(teacher).requires_grad_(True).train()
     disc = discriminator(session)
     example = session.example.to(acc.device)
-    pruner = ChannelPruner(student, example, [classifier_of(student)], cfg.prune.max_layer_ratio)
+    pruner = ChannelPruner(
+        student, example, [classifier_of(student)], cfg.prune.max_layer_ratio, cfg.prune.round_to or 1
+    )
     taps = tap_names(session, student)
-    base = session.cost(student)
-    metric = "flops" if cfg.prune.target_flops_ratio is not None else "params"
+    base: dict[str, float] = dict(session.cost(student))
+    metric = target_metric(cfg)
+    if metric == "latency":  # the teacher's, measured once (again on resume)
+        base["latency"] = on_main(session, lambda: measure_latency(teacher, _batch(session)))
     stages = plan_stages(cfg)
     val = acc.prepare_data_loader(session.val_loader())
 
@@ -152,7 +212,7 @@ def run_aip(session: Session, resume: Path | None = None, branch: Path | None = 
         student = acc.unwrap_model(student)
         resuming_here = partial is not None and partial["stage"] == stage.index
         if stage.target is not None and not resuming_here:
-            prune_stage(session, stage, pruner, base, metric)
+            prune_stage(session, stage, pruner, base, metric, teacher)
         prepared_student = recover(
             session,
             stage,
@@ -165,6 +225,7 @@ def run_aip(session: Session, resume: Path | None = None, branch: Path | None = 
             start=(partial["epoch"], partial["batch"]) if resuming_here else (0, 0),
             val=val,
         )
-        end_stage(session, stage, prepared_student, val, base, pruner)
+        latency = (lambda m: latency_ms(session, m, teacher, base["latency"])) if metric == "latency" else None
+        end_stage(session, stage, prepared_student, val, base, pruner, latency)
 
     return session.finish(student, finished=ended)

@@ -65,7 +65,8 @@ def check_same_architecture(session: Session, model: nn.Module, stage: int) -> l
 
 def calibration(session: Session, stage: int, batches: int | None = None) -> Callable[[nn.Module], None]:
     """Forward and backward passes on fixed training batches (the same on every process); `.grad` is averaged
-    over processes. Gradient criteria read `.grad`, feature criteria and the capacity analysis hook the passes."""
+    over processes. Gradient criteria read `.grad`, feature criteria and the capacity analysis hook the passes;
+    called under torch.no_grad (a criterion that reads no gradients), it runs the forward passes only."""
     cfg = session.cfg
 
     def calibrate(model: nn.Module) -> None:
@@ -76,7 +77,9 @@ def calibration(session: Session, stage: int, batches: int | None = None) -> Cal
             for i, (x, y) in enumerate(loader):
                 if i == (batches or cfg.prune.calibration_batches):
                     break
-                F.cross_entropy(model(x.to(device)), y.to(device)).backward()
+                loss = F.cross_entropy(model(x.to(device)), y.to(device))
+                if loss.requires_grad:
+                    loss.backward()
         for p in model.parameters():
             if p.grad is not None:
                 p.grad = session.accelerator.reduce(p.grad, "mean")
@@ -212,11 +215,20 @@ def curve_point(session: Session, stage: Stage, epoch: int, student: nn.Module, 
 
 
 def end_stage(
-    session: Session, stage: Stage, student: nn.Module, val: DataLoader, base: dict[str, int], pruner: ChannelPruner
+    session: Session,
+    stage: Stage,
+    student: nn.Module,
+    val: DataLoader,
+    base: dict[str, float],
+    pruner: ChannelPruner,
+    latency: Callable[[nn.Module], float] | None = None,
 ) -> None:
-    """Evaluate the recovered student, add its row to the table, log it and checkpoint the stage."""
+    """Evaluate the recovered student, add its row to the table (with `latency_ms` when `latency` measures it),
+    log it and checkpoint the stage."""
     top1, top5 = session.evaluate(student, val)
     row = {"stage": stage.index, "kind": stage.kind, **session.cost(student), "top1": top1, "top5": top5}
+    if latency is not None:
+        row["latency_ms"] = latency(student)
     session.state.rows.append(row)
     if session.cfg.train.eval_each_epoch:
         session.state.curve.append({"stage": stage.index, "kind": stage.kind, "epoch": stage.epochs, "top1": top1})
@@ -226,5 +238,6 @@ def end_stage(
     session.print(
         f"stage {stage.index} ({stage.kind}): top-1 {top1:.2f}  top-5 {top5:.2f}  "
         f"FLOPs {row['flops'] / base['flops']:.3f}  params {row['params'] / base['params']:.3f}"
+        + (f"  latency {row['latency_ms'] / base['latency']:.3f}" if latency is not None else "")
     )
     session.save_checkpoint(stage.index, pruner.history())

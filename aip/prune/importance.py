@@ -22,6 +22,7 @@ import torch_pruning as tp
 from torch import nn
 
 from aip.config import PruneConfig
+from aip.prune.magnitude import MagnitudeImportance
 from aip.registry import Registry
 
 IMPORTANCES = Registry("criterion")
@@ -72,13 +73,13 @@ def _gather_all(stats: dict, gather: Gather | None) -> dict:
 @register_importance("l1")
 def l1_importance(cfg: PruneConfig) -> tp.importance.Importance:
     """Mean L1 norm of each channel's weights over all coupled layers of the group."""
-    return tp.importance.GroupMagnitudeImportance(p=1, normalizer="mean")
+    return MagnitudeImportance(p=1)
 
 
 @register_importance("l2")
 def l2_importance(cfg: PruneConfig) -> tp.importance.Importance:
     """Mean L2 norm of each channel's weights over all coupled layers of the group."""
-    return tp.importance.GroupMagnitudeImportance(p=2, normalizer="mean")
+    return MagnitudeImportance(p=2)
 
 
 @register_importance("bn_scale")

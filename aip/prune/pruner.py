@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections import defaultdict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
@@ -17,11 +16,13 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
-from aip.hooks import inspecting
-from aip.prune.cost import model_cost, positions
+from aip.prune.cost import model_cost
 from aip.prune.groups import PrunableGroup, enumerate_groups
 from aip.prune.importance import needs_features, needs_gradients
-from aip.prune.safety import Snapshot, mismatch, outputs, silence
+from aip.prune.rounding import WidthGrid
+from aip.prune.safety import Snapshot, check_example, mismatch, outputs, silence
+from aip.prune.selection import Candidate, Pricer, choose, group_candidates, rank
+from aip.prune.widths import WidthCost
 
 History = list[list]
 
@@ -49,6 +50,11 @@ class ChannelPruner:
     are measured), then either `replay` a saved history or call `prune_to` once per interval. Groups the graph cannot
     follow are left unpruned (`refused`, with the reason), and every removal step is verified: the network without
     the removed channels must compute what it computed with those channels silenced, else the step is undone.
+
+    Costs come from the analytic model (`WidthCost`), which prices each removal exactly, so a step needs no cost
+    forward; it is compared with torch's FLOP counter once, and where they differ (layers it cannot price) the
+    counter measures the cost after each step instead (`analytic=False` forces that). With `round_to` N > 1 every
+    pruned group keeps a width that is a multiple of N (see `rounding`).
     """
 
     def __init__(
@@ -57,17 +63,26 @@ class ChannelPruner:
         example_inputs: torch.Tensor,
         ignored_layers: list[nn.Module],
         max_layer_ratio: float = 0.8,
+        round_to: int = 1,
+        analytic: bool = True,
     ) -> None:
         self.model = model
         self.example = example_inputs
         self.max_layer_ratio = max_layer_ratio
+        self.round_to = max(1, int(round_to))
         self.ignored = [m for layer in ignored_layers for m in layer.modules()]
         self.refused: dict[str, str] = {}
         self._history: History = []
+        self._enumerated: list[tuple] | None = None
         self._build()
-        self.original_widths = {g.name: g.width for g in self._groups(include_refused=True)}
+        every = list(self._groups(include_refused=True))
+        self.original_widths = {g.name: g.width for g in every}
+        self.units = {g.name: g.unit for g in every}
         self.caps: dict[str, float] = {}
         self.order: dict[str, float] = {}
+        self.analytic: bool | None = None if analytic else False  # None: not yet compared with the counter
+        self._width_cost: WidthCost | None = None
+        self._check: torch.Tensor | None = None
 
     def _build(self) -> None:
         """Trace the model into Torch-Pruning's dependency graph (again after a removal that changed split sizes)."""
@@ -82,6 +97,7 @@ class ChannelPruner:
                 f"Torch-Pruning cannot trace this model ({type(exc).__name__}: {_first_line(exc)})"
             ) from None
         finally:
+            self._enumerated = None
             self.model.train(was_training)  # tracing leaves the model in eval mode
             for p in frozen:
                 p.requires_grad_(False)
@@ -99,8 +115,12 @@ class ChannelPruner:
         return {g.name: g.root for g in self._groups()}
 
     def _groups(self, include_refused: bool = False) -> Iterator[PrunableGroup]:
-        """Every group of coupled channels whose root is a convolution or linear layer (refused ones skipped)."""
-        for name, root, group, unit, reason in enumerate_groups(self.graph, self.ignored):
+        """Every group of coupled channels whose root is a convolution or linear layer (refused ones skipped); the
+        enumeration is kept until the model changes."""
+        if self._enumerated is None:
+            self._enumerated = list(enumerate_groups(self.graph, self.ignored))
+            self._roots = {name: root for name, root, *_ in self._enumerated}
+        for name, root, group, unit, reason in self._enumerated:
             if reason is not None and name not in self.refused:
                 self._refuse(name, _first_line(reason))
             if name in self.refused:
@@ -114,13 +134,22 @@ class ChannelPruner:
         warnings.warn(f"pruning: leaving group {name} unpruned: {reason}", stacklevel=3)
 
     def widths(self) -> dict[str, int]:
-        """Current output width of every prunable group, by the name of its root module."""
-        return {g.name: g.width for g in self._groups()}
+        """Current output width of every prunable group, by the name of its root module (read off the roots)."""
+        return {
+            name: int(self.graph.get_out_channels(root))
+            for name, root in self._roots.items()
+            if name not in self.refused and name in self.original_widths
+        }
 
     def min_width(self, name: str) -> int:
-        """The fewest channels group `name` may keep under the per-layer cap (never fewer than one)."""
+        """The fewest channels group `name` may keep under the per-layer cap and `round_to` (at least one unit)."""
+        return self.grid(name).low
+
+    def grid(self, name: str) -> WidthGrid:
+        """The widths group `name` may take under the per-layer cap and `round_to`."""
         ratio = min(self.max_layer_ratio, self.caps.get(name, 1.0))
-        return max(1, math.ceil(self.original_widths[name] * (1.0 - ratio) - 1e-9))
+        floor = max(1, math.ceil(self.original_widths[name] * (1.0 - ratio) - 1e-9))
+        return WidthGrid.make(self.original_widths[name], self.units.get(name, 1), self.round_to, floor)
 
     def history(self) -> History:
         """Every removal so far as plain JSON-able lists: [root module name, is_out_channel, [channel indices]]."""
@@ -129,6 +158,7 @@ class ChannelPruner:
     def replay(self, history: History) -> None:
         """Re-apply a saved history to the (unpruned) model, restoring the exact pruned architecture."""
         modules = dict(self.model.named_modules())
+        self._enumerated = None
         for entry in history:
             try:
                 name, is_out, idxs = entry
@@ -144,25 +174,18 @@ class ChannelPruner:
             if self._has_splits:
                 self._build()
 
-    def _candidates(
-        self, importance: tp.importance.Importance, groups: list[PrunableGroup]
-    ) -> list[tuple[float, str, int]]:
-        """(score, group, unit) of every channel unit that may still go, lowest score first."""
-        candidates: list[tuple[float, str, int]] = []
+    def _candidates(self, importance: tp.importance.Importance, groups: list[PrunableGroup]) -> list[Candidate]:
+        """Every block of units that may still go, ranked (hierarchical order first, when set)."""
+        candidates: list[Candidate] = []
         for g in groups:
-            removable = (g.width - max(self.min_width(g.name), g.unit)) // g.unit
-            if removable <= 0:
+            grid = self.grid(g.name)
+            if not grid.below(g.width):
                 continue
             scores = self._score(importance, g)
             if scores is None:
                 continue
-            for idx in torch.argsort(scores, stable=True)[:removable].tolist():
-                candidates.append((float(scores[idx]), g.name, idx))
-        if self.order:  # hierarchical: the most redundant group first, by score within a group
-            candidates.sort(key=lambda c: (self.order.get(c[1], float("inf")), c[1], c[0]))
-        else:
-            candidates.sort()
-        return candidates
+            candidates += group_candidates(g.name, scores, g.width, g.unit, grid)
+        return rank(candidates, self.order)
 
     def _score(self, importance: tp.importance.Importance, g: PrunableGroup) -> torch.Tensor | None:
         """One score per unit of the group, or None (the group refused) when the criterion cannot score it."""
@@ -174,52 +197,6 @@ class ChannelPruner:
         if scores is None or scores.numel() != g.width:
             return None
         return g.unit_scores(torch.nan_to_num(scores.detach().float().cpu(), nan=0.0))
-
-    @torch.no_grad()
-    def _channel_costs(self, metric: str, groups: list[PrunableGroup]) -> dict[str, float]:
-        """Estimated FLOPs (or parameters) that one unit of each group carries, over all its coupled layers."""
-        out_sizes: dict[nn.Module, int] = {}
-
-        def keep(mod: nn.Module, _i: object, out: torch.Tensor) -> None:
-            out_sizes[mod] = positions(mod, out)
-
-        layers = (nn.Conv2d, nn.Conv1d, nn.Conv3d, nn.Linear)
-        with inspecting(self.model, {m: keep for m in self.model.modules() if isinstance(m, layers)}):
-            self.model(self.example)
-        costs: dict[str, float] = {}
-        for g in groups:
-            total = 0.0
-            for dep, _ in g.group:
-                module = dep.target.module
-                weight = getattr(module, "weight", None)
-                if module not in out_sizes or weight is None:
-                    if metric == "params" and isinstance(module, nn.modules.batchnorm._BatchNorm):
-                        total += 2.0
-                    continue
-                out = self.graph.is_out_channel_pruning_fn(dep.handler)
-                channels = self.graph.get_out_channels(module) if out else self.graph.get_in_channels(module)
-                per_channel = weight.numel() / max(1, channels or 1)
-                total += per_channel if metric == "params" else 2.0 * per_channel * out_sizes[module]
-            costs[g.name] = total * g.unit
-        return costs
-
-    def _choose(
-        self, candidates: list[tuple[float, str, int]], costs: dict[str, float], gap: float, slack: float
-    ) -> dict[str, list[int]]:
-        """Lowest-scored units whose estimated cost fills `gap`, skipping any that would overshoot by > `slack`."""
-        chosen: dict[str, list[int]] = defaultdict(list)
-        removed = 0.0
-        for _, name, idx in candidates:
-            if removed >= gap:
-                break
-            if removed + costs[name] > gap + slack:
-                continue
-            chosen[name].append(idx)
-            removed += costs[name]
-        if not chosen:  # every single unit overshoots: take the one that overshoots least
-            _, name, idx = min(candidates, key=lambda c: (costs[c[1]], c[0]))
-            chosen[name].append(idx)
-        return chosen
 
     def _remove(self, chosen: dict[str, list[int]], groups: list[PrunableGroup]) -> None:
         """Remove the chosen units of each group as one verified step; when the step fails, retry group by group
@@ -245,6 +222,8 @@ class ChannelPruner:
     def _try_remove(self, plan: dict[str, list[int]]) -> str | None:
         """Silence the planned channels, record the output, remove them, compare; undo everything on a mismatch or
         error. Torch-Pruning's new Parameters keep the old ones' requires_grad. None on success, else the reason."""
+        if self._check is None:
+            self._check = check_example(self.model, self.example)
         frozen = {n for n, p in self.model.named_parameters() if not p.requires_grad}
         snapshot = Snapshot(self.model)
         problem = None
@@ -252,7 +231,7 @@ class ChannelPruner:
             for name, channels in plan.items():
                 if not silence(self._group_of(name, channels), self.graph, snapshot):
                     problem = "a layer that reads these channels cannot be checked"
-            reference = outputs(self.model, self.example)
+            reference = outputs(self.model, self._check)
             for name, channels in plan.items():
                 if problem is None:
                     group = self._group_of(name, channels)  # made just before pruning: indices shift as groups go
@@ -261,13 +240,14 @@ class ChannelPruner:
                     else:
                         group.prune(record_history=False)
             if problem is None:
-                problem = mismatch(reference, outputs(self.model, self.example))
+                problem = mismatch(reference, outputs(self.model, self._check))
         except (RuntimeError, ValueError, IndexError, TypeError, AssertionError, KeyError) as exc:
             problem = f"removing channels broke the forward pass ({_first_line(exc)})"
         if problem is not None:
             snapshot.restore()
         else:
             self._history.extend([name, True, channels] for name, channels in plan.items())
+            self._enumerated = None
         if self._has_splits:  # Torch-Pruning fixes split sizes when tracing: trace the new shapes again
             self._build()
         for name, param in self.model.named_parameters():
@@ -276,13 +256,13 @@ class ChannelPruner:
         return problem
 
     def prune_to_widths(self, widths: dict[str, int], importance: tp.importance.Importance) -> None:
-        """Shrink each named group to about the given width (a whole number of units, at least one), dropping its
-        lowest-scored units."""
+        """Shrink each named group to about the given width (the nearest whole number of units, and of `round_to`;
+        at least one), dropping its lowest-scored units. The per-layer caps do not apply here."""
         for name, width in widths.items():
             g = next((g for g in self._groups() if g.name == name), None)
             if g is None:
                 continue
-            excess = round((g.width - max(g.unit, int(width))) / g.unit)
+            excess = (g.width - WidthGrid.make(g.width, g.unit, self.round_to, 1).nearest(width)) // g.unit
             if excess > 0:
                 scores = self._score(importance, g)
                 if scores is None:
@@ -291,9 +271,31 @@ class ChannelPruner:
         self.model.zero_grad(set_to_none=True)
 
     def cost(self, metric: str) -> float:
-        """The model's current FLOPs or parameter count."""
-        c = model_cost(self.model, self.example)
-        return float(c.flops if metric == "flops" else c.params)
+        """The model's current FLOPs (of one forward of the example, as torch's counter counts them) or parameter
+        count: from the layers' widths where the analytic model prices every layer, else from the counter."""
+        if metric != "flops":
+            return float(sum(p.numel() for p in self.model.parameters()))
+        table = self.width_cost()
+        if self.analytic:
+            return table.current_flops()
+        return float(model_cost(self.model, self.example).flops)
+
+    def prepare(self) -> None:
+        """Build the analytic cost model, compare it with torch's counter, and pick the verification example: the
+        one-time work of the first interval, done now (else on first use)."""
+        self.width_cost()
+        if self._check is None:
+            self._check = check_example(self.model, self.example)
+
+    def width_cost(self) -> WidthCost:
+        """The analytic cost model of this model, built on first use and then compared once with torch's counter
+        (`analytic` says whether they agreed)."""
+        if self._width_cost is None:
+            self._width_cost = WidthCost(self)
+        if self.analytic is None:
+            counted = model_cost(self.model, self.example).flops
+            self.analytic = abs(self._width_cost.current_flops() - counted) <= 1e-6 * max(1.0, counted)
+        return self._width_cost
 
     def _calibrate_gradients(self, importance: tp.importance.Importance, calibrate: Callable | None) -> None:
         """Fill `.grad` from calibration batches when the criterion reads `.grad` (a recording criterion such as
@@ -305,11 +307,12 @@ class ChannelPruner:
             calibrate(self.model)
 
     def _record_features(self, importance: tp.importance.Importance, calibrate: Callable | None) -> None:
-        """Record the current model's feature maps on calibration batches when the criterion reads them."""
+        """Record the current model's feature maps on calibration batches when the criterion reads them; for one
+        that reads no gradients, under torch.no_grad (forward passes only: `calibrate` must then skip backward)."""
         if needs_features(importance):
             if calibrate is None:
                 raise PruningError("this criterion reads feature maps: pass a calibrate function")
-            with importance.recording(self.model):
+            with importance.recording(self.model), torch.set_grad_enabled(needs_gradients(importance)):
                 calibrate(self.model)
             self.model.zero_grad(set_to_none=True)
 
@@ -320,17 +323,22 @@ class ChannelPruner:
         importance: tp.importance.Importance,
         calibrate: Callable[[nn.Module], None] | None = None,
         tolerance: float = 0.02,
+        measure: Callable[[], float] | None = None,
+        pricer: Callable[[str], Pricer] | None = None,
     ) -> IntervalLog:
         """Remove the lowest-scored channels, globally ranked and capped per group, until the cost <= `target`.
 
-        `metric` is "flops" or "params". Each step re-scores the channels and removes those whose estimated cost
-        fills the remaining gap; a channel that would overshoot the target by more than `tolerance` of it is passed
-        over for the next one, so narrow, expensive layers do not push the result far below the target.
+        `metric` is "flops" or "params" (or a measured cost: `measure()` gives it, `pricer(metric)` prices removals).
+        A step scores the channels (a data-driven criterion records its calibration batches once for it) and removes
+        those whose priced cost fills the remaining gap, passing over a block that would overshoot the target by more
+        than `tolerance` of it. The analytic pricing is exact, so one step suffices unless a group's removal fails
+        and is undone, or a hierarchical order takes the groups in turn; each further step re-scores the model.
         """
         was_training = self.model.training
         self._calibrate_gradients(importance, calibrate)
         widths_before = self.widths()
-        before = current = self.cost(metric)
+        cost = measure or (lambda: self.cost(metric))
+        before = current = cost()
         steps = 0
         while current > target:
             self._record_features(importance, calibrate)  # feature maps of the current (partly pruned) model
@@ -343,14 +351,14 @@ class ChannelPruner:
                     + (", and the capacity limits of prune.capacity" if self.caps else "")
                     + "); raise the cap or the target ratio"
                 )
-            costs = self._channel_costs(metric, groups)
+            prices, units = (pricer or self.width_cost().pricer)(metric), {g.name: g.unit for g in groups}
             gap = current - target
             if self.order:  # the next group in line takes what it can before the next one is touched
-                first = candidates[0][1]
-                candidates = [c for c in candidates if c[1] == first]
-                gap = min(gap, costs[first] * len(candidates))
-            self._remove(self._choose(candidates, costs, gap, tolerance * target), groups)
-            current = self.cost(metric)
+                first = candidates[0].name
+                candidates = [c for c in candidates if c.name == first]
+                gap = min(gap, prices.peek(first, sum(len(c.units) for c in candidates) * units[first]))
+            self._remove(choose(candidates, prices, units, gap, tolerance * target), groups)
+            current = cost()
             steps += 1
         self.model.zero_grad(set_to_none=True)
         self.model.train(was_training)
@@ -366,18 +374,19 @@ class ChannelPruner:
         tolerance: float = 0.02,
     ) -> IntervalLog:
         """Remove, in one step, every channel scored under `threshold` (per-group caps hold), lowest first, but
-        never take the cost below `floor`. For criteria with absolute scores, such as `activation`."""
+        never take the cost below `floor`. For criteria with absolute scores, such as `activation`. With
+        `round_to`, a block of channels goes only when every channel of it scores under `threshold`."""
         was_training = self.model.training
         self._calibrate_gradients(importance, calibrate)
         self._record_features(importance, calibrate)
         widths_before = self.widths()
         before = self.cost(metric)
         groups = list(self._groups())
-        candidates = [c for c in self._candidates(importance, groups) if c[0] < threshold]
+        candidates = [c for c in self._candidates(importance, groups) if c.top < threshold]
         steps = 0
         if candidates and before > floor:
-            costs = self._channel_costs(metric, groups)
-            self._remove(self._choose(candidates, costs, before - floor, tolerance * floor), groups)
+            pricer, units = self.width_cost().pricer(metric), {g.name: g.unit for g in groups}
+            self._remove(choose(candidates, pricer, units, before - floor, tolerance * floor), groups)
             steps = 1
         self.model.zero_grad(set_to_none=True)
         self.model.train(was_training)

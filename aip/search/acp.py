@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from aip.config import SwarmConfig
+from aip.prune.rounding import WidthGrid
 
 
 def dbscan(dist: torch.Tensor, eps: float, min_samples: int) -> torch.Tensor:
@@ -206,15 +207,26 @@ class ParticleSwarm:
 
 
 def scale_to_budget(
-    widths: list[float], lower: list[int], cost: Callable[[list[int]], float], budget: float
+    widths: list[float],
+    lower: list[int],
+    cost: Callable[[list[int]], float],
+    budget: float,
+    grids: list[WidthGrid] | None = None,
 ) -> list[int]:
     """Round `widths`; if their cost exceeds `budget`, shrink every group towards `lower` by one common factor
-    (bisection) until it fits. Returns `lower` when even that is over budget (the caller's penalty applies)."""
-    rounded = [max(lo, round(w)) for w, lo in zip(widths, lower, strict=True)]
+    (bisection) until it fits. Returns `lower` when even that is over budget (the caller's penalty applies). With
+    `grids` (one per group, `lower` on them), each width is rounded to its grid's nearest width and shrunk to its
+    grid's widths (`prune.round_to`)."""
+    if grids is None:
+        rounded = [max(lo, round(w)) for w, lo in zip(widths, lower, strict=True)]
+    else:
+        rounded = [max(lo, g.nearest(w)) for w, lo, g in zip(widths, lower, grids, strict=True)]
     if cost(rounded) <= budget:
         return rounded
 
     def shrink(f: float) -> list[int]:
+        if grids is not None:
+            return [max(lo, g.floor(lo + f * (w - lo))) for w, lo, g in zip(rounded, lower, grids, strict=True)]
         return [max(lo, math.floor(lo + f * (w - lo))) for w, lo in zip(rounded, lower, strict=True)]
 
     lo_f, hi_f = 0.0, 1.0

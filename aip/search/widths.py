@@ -30,6 +30,7 @@ def search_widths(
     names = list(pruner.widths())
     upper = [pruner.original_widths[n] for n in names]
     lower = [pruner.min_width(n) for n in names]
+    grids = [pruner.grid(n) for n in names] if pruner.round_to > 1 else None  # prune.round_to: widths on grids
     width_cost = WidthCost(pruner)
 
     def cost(widths: list[int]) -> float:
@@ -38,9 +39,9 @@ def search_widths(
     count, batch = acp.calibration_images, cfg.data.eval_batch_size
     responses = channel_responses(pruner.model, pruner.root_modules(), data.calibration, count, batch, acc.device)
     start = []
-    for name, lo, hi in zip(names, lower, upper, strict=True):
+    for i, (name, lo, hi) in enumerate(zip(names, lower, upper, strict=True)):
         width, _ = cluster_channels(responses[name], acp.eps, acp.min_samples)
-        start.append(min(hi, max(lo, width)))
+        start.append(grids[i].nearest(min(hi, max(lo, width))) if grids else min(hi, max(lo, width)))
     if acc.num_processes > 1:  # one starting point for every process's swarm, whatever its float rounding
         box = [start]
         broadcast_object_list(box)
@@ -67,12 +68,13 @@ def search_widths(
         )
 
     search = {k: v for k, v in acp.__dict__.items() if k != "timeout_minutes"}  # what changes the result
-    key = hashlib.sha256(json.dumps([cfg.model.name, cfg.seed, budget, search], default=str).encode())
+    keyed = [cfg.model.name, cfg.seed, budget, search] + ([pruner.round_to] if grids else [])
+    key = hashlib.sha256(json.dumps(keyed, default=str).encode())
     swarm = ParticleSwarm(
         lower,
         upper,
         None,
-        lambda w: scale_to_budget(w, lower, cost, budget),
+        lambda w: scale_to_budget(w, lower, cost, budget, grids),
         acp.swarm,
         seed=cfg.seed,
         state_path=session.run_dir / SWARM_FILE,

@@ -1,0 +1,193 @@
+"""Speed of pruning itself: one interval per criterion on ResNet-50, and what `prune.round_to` does to latency.
+
+Sections (iii) and (iv) of `benchmarks/speed.py`, which runs them and writes their tables (`interval_lines`,
+`rounding_lines`).
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+
+import torch
+from torch import nn
+
+from aip.models import classifier_of, create_model
+from aip.prune.importance import create_importance
+from aip.prune.pruner import ChannelPruner
+from benchmarks.timing import interleaved_medians, load, pruned_copy, sync
+
+INTERVAL_CRITERIA = ("l1", "taylor", "activation", "similarity")
+
+
+def interval_times(device: str, criteria: tuple[str, ...] = INTERVAL_CRITERIA, calibration: int = 4) -> list[dict]:
+    """(iii): one pruning interval on torchvision ResNet-50 at 224x224 to 80% of its FLOPs, per criterion (similarity
+    on feature maps), its parts timed apart: dependency graph, one-time cost model and check example, the interval
+    (its calibration passes on one batch of `calibration` images timed on their own), re-prepare. Wall and process
+    CPU seconds: the CPU seconds of a single-threaded run are what an idle core would take."""
+    from accelerate import Accelerator
+
+    from aip.config import PruneConfig, SimilarityConfig
+
+    acc = Accelerator(cpu=device == "cpu")
+    torch.manual_seed(0)
+    teacher = create_model("torchvision:resnet50", 1000)
+    example = torch.randn(1, 3, 224, 224, device=acc.device)
+    x = torch.randn(calibration, 3, 224, 224, device=acc.device)
+    y = torch.randint(0, 1000, (calibration,), device=acc.device)
+    rows, machine_load = [], load()
+    for criterion in criteria:
+        model = copy.deepcopy(teacher).to(acc.device).train()
+        spent = {"wall": 0.0, "passes": 0}
+
+        def calibrate(m: nn.Module, spent: dict = spent) -> None:
+            start = time.perf_counter()
+            loss = nn.functional.cross_entropy(m(x), y)
+            if loss.requires_grad:
+                loss.backward()
+            sync(device)
+            spent["wall"] += time.perf_counter() - start
+            spent["passes"] += 1
+
+        start = time.perf_counter()
+        pruner = ChannelPruner(model, example, [classifier_of(model)], max_layer_ratio=0.8)
+        graph = time.perf_counter() - start
+        start = time.perf_counter()
+        pruner.prepare()
+        base = pruner.cost("flops")
+        setup = time.perf_counter() - start
+        importance = create_importance(criterion, PruneConfig(similarity=SimilarityConfig("features")))
+        cpu, start = time.process_time(), time.perf_counter()
+        log = pruner.prune_to(0.8 * base, "flops", importance, calibrate)
+        prune, cpu = time.perf_counter() - start, time.process_time() - cpu
+        start = time.perf_counter()
+        acc.free_memory()
+        acc.prepare(model, torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9))
+        prepare = time.perf_counter() - start
+        rows.append(
+            {
+                "threads": torch.get_num_threads(),
+                "load": machine_load,
+                "criterion": criterion + (" (features)" if criterion == "similarity" else ""),
+                "model": "torchvision:resnet50",
+                "input": 224,
+                "flops_ratio_after": log.cost_after / base,
+                "removal_steps": log.steps,
+                "analytic_cost": bool(pruner.analytic),
+                "graph_s": graph,
+                "setup_s": setup,
+                "interval_s": prune,
+                "interval_cpu_s": cpu,
+                "calibration_passes": spent["passes"],
+                "calibration_images": calibration if spent["passes"] else 0,
+                "calibration_s": spent["wall"],
+                "re_prepare_s": prepare,
+            }
+        )
+        print(
+            f"interval {criterion}: {prune:.2f} s ({cpu:.2f} s CPU, {log.steps} step(s), calibration "
+            f"{spent['wall']:.2f} s in {spent['passes']} pass(es))",
+            flush=True,
+        )
+    return rows
+
+
+def rounding_latency(device: str, repeats: int, batches: tuple[int, ...] = (1, 32), round_to: int = 8) -> list[dict]:
+    """(iv): CIFAR ResNet-56 pruned by L1 to 50% of its FLOPs with and without `prune.round_to`, latency against the
+    unpruned network at each batch size (eval, inference_mode, the faster memory layout of each), all timed in
+    turns so that the machine's load weighs on each alike."""
+    from aip.prune.cost import model_cost
+
+    torch.manual_seed(0)
+    base = create_model("cifar_resnet56", 10).eval()
+    example = torch.randn(1, 3, 32, 32)
+    variants = {"unpruned": base, "any width": pruned_copy(base, example, 0.5)}
+    variants[f"round_to {round_to}"] = pruned_copy(base, example, 0.5, round_to)
+    flops = {name: model_cost(m, example).flops for name, m in variants.items()}
+    rows = []
+    for batch in batches:
+        x = torch.randn(batch, 3, 32, 32, device=device)
+        fns = {}
+        for name, model in variants.items():
+            for fmt in (torch.contiguous_format, torch.channels_last):
+                m = copy.deepcopy(model).to(device, memory_format=fmt)
+                xi = x.to(memory_format=fmt)
+
+                def run(m: nn.Module = m, xi: torch.Tensor = xi) -> None:
+                    with torch.inference_mode(), torch.autocast(device, torch.bfloat16, enabled=device == "cuda"):
+                        m(xi)
+
+                fns[(name, fmt is torch.channels_last)] = run
+        times = interleaved_medians(fns, device, repeats, 3)
+        best = {name: min(times[(name, False)], times[(name, True)]) for name in variants}
+        for name in variants:
+            if name == "unpruned":
+                continue
+            flops_speedup = flops["unpruned"] / flops[name]
+            latency_speedup = best["unpruned"] / best[name]
+            rows.append(
+                {
+                    "widths": name,
+                    "batch": batch,
+                    "flops_ratio": flops[name] / flops["unpruned"],
+                    "flops_speedup": flops_speedup,
+                    "latency_speedup": latency_speedup,
+                    "efficiency": latency_speedup / flops_speedup,
+                    "base_ms": 1000 * best["unpruned"],
+                    "pruned_ms": 1000 * best[name],
+                    "threads": torch.get_num_threads(),
+                }
+            )
+            print(
+                f"resnet56 {name} b{batch}: FLOPs x{flops_speedup:.2f}, latency x{latency_speedup:.2f} "
+                f"({1000 * best['unpruned']:.2f} -> {1000 * best[name]:.2f} ms)",
+                flush=True,
+            )
+    return rows
+
+
+def interval_lines(rows: list[dict], run: str) -> list[str]:
+    """The markdown table of section (iii); `run` says how and when it ran."""
+    lines = [
+        "",
+        "## One pruning interval (torchvision ResNet-50, 224px, to 80% FLOPs)",
+        "",
+        f"Run: {run}. {rows[0]['threads']} thread(s). Interval = score + remove, with the "
+        "calibration passes of the data-driven criteria (also shown alone); CPU = the process's CPU seconds (one "
+        "thread: what an idle core would take); the graph and the one-time setup (analytic cost model checked "
+        "against the FLOP counter, check example) come once per run, not per interval.",
+        "",
+        "| criterion | steps | interval | interval CPU | calibration | interval - calibration | graph | setup "
+        "| re-prepare |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for i in rows:
+        calib = "-"
+        if i["calibration_passes"]:
+            calib = f"{i['calibration_s']:.2f} s ({i['calibration_passes']} x {i['calibration_images']} images)"
+        lines.append(
+            f"| {i['criterion']} | {i['removal_steps']} | {i['interval_s']:.2f} s | {i['interval_cpu_s']:.2f} s "
+            f"| {calib} | {i['interval_s'] - i['calibration_s']:.2f} s | {i['graph_s']:.2f} s | {i['setup_s']:.2f} s "
+            f"| {i['re_prepare_s']:.3f} s |"
+        )
+    return lines
+
+
+def rounding_lines(rows: list[dict], run: str) -> list[str]:
+    """The markdown table of section (iv); `run` says how and when it ran."""
+    lines = [
+        "",
+        "## Hardware-friendly widths (CIFAR ResNet-56, 50% FLOPs, L1; eval, inference_mode)",
+        "",
+        f"Run: {run}. {rows[0]['threads']} thread(s); efficiency = latency speed-up / FLOPs speed-up; the three "
+        "networks are timed in turns.",
+        "",
+        "| widths | batch | FLOPs ratio | FLOPs speed-up | latency speed-up | efficiency | base ms | pruned ms |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['widths']} | {r['batch']} | {r['flops_ratio']:.3f} | {r['flops_speedup']:.2f} "
+            f"| {r['latency_speedup']:.2f} | {r['efficiency']:.2f} | {r['base_ms']:.2f} | {r['pruned_ms']:.2f} |"
+        )
+    return lines
