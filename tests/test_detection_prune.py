@@ -19,13 +19,14 @@ from aip.tasks.detection.prunable import PrunableDetector, head_layers
 
 # SSD300's conv4_3 feeds an L2 normalisation over channels with a learnt per-channel scale: left unpruned.
 VGG_L2NORM = {"backbone.features.21"}
-# name, image size, groups the pruner must refuse, whether a weight-shared head runs once per level (see the xfail)
+# name, image size, groups the pruner must refuse (RetinaNet's and the R-CNN's shared heads run once per level and
+# are priced per call)
 DETECTORS = [
-    ("tiny_ssd", 64, set(), False),
-    ("ssdlite320_mobilenet_v3_large", 96, set(), False),
-    pytest.param("fasterrcnn_mobilenet_v3_large_320_fpn", 64, set(), True, marks=pytest.mark.slow),
-    pytest.param("retinanet_resnet50_fpn", 64, set(), True, marks=pytest.mark.slow),
-    pytest.param("ssd300_vgg16", 268, VGG_L2NORM, False, marks=pytest.mark.slow),
+    ("tiny_ssd", 64, set()),
+    ("ssdlite320_mobilenet_v3_large", 96, set()),
+    pytest.param("fasterrcnn_mobilenet_v3_large_320_fpn", 64, set(), marks=pytest.mark.slow),
+    pytest.param("retinanet_resnet50_fpn", 64, set(), marks=pytest.mark.slow),
+    pytest.param("ssd300_vgg16", 268, VGG_L2NORM, marks=pytest.mark.slow),
 ]
 
 
@@ -47,9 +48,9 @@ def _randomise_norms(model: nn.Module) -> None:
             m.bias.data.copy_(torch.rand(m.num_features, generator=gen) - 0.5)
 
 
-@pytest.mark.parametrize(("name", "size", "refused", "shared_head"), DETECTORS)
+@pytest.mark.parametrize(("name", "size", "refused"), DETECTORS)
 def test_detector_prunes_to_half_the_flops_and_still_trains_and_detects(
-    name: str, size: int, refused: set[str], shared_head: bool
+    name: str, size: int, refused: set[str]
 ) -> None:
     start = time.perf_counter()
     detector = create_detector(name, 3, size)
@@ -68,7 +69,7 @@ def test_detector_prunes_to_half_the_flops_and_still_trains_and_detects(
         base = pruner.cost("flops")
         pruner.prune_to(0.5 * base, "flops", create_importance("l1"))
     ratio = pruner.cost("flops") / base
-    assert ratio <= 0.5
+    assert 0.45 <= ratio <= 0.5
     assert set(pruner.refused) == refused
     assert [m.weight.shape[0] for m in heads] == head_widths
     assert any(p.shape != q.shape for p, q in zip(view.parameters(), original.parameters(), strict=True))
@@ -85,5 +86,3 @@ def test_detector_prunes_to_half_the_flops_and_still_trains_and_detects(
         detections = detector(images)
     assert len(detections) == 2 and all(d["boxes"].shape[-1] == 4 for d in detections)
     print(f"{name}: {ratio:.3f} of the FLOPs in {time.perf_counter() - start:.1f} s")
-    if shared_head and ratio < 0.45:
-        pytest.xfail("the pruner prices a module that runs several times (a head shared by the levels) once")

@@ -74,7 +74,7 @@ class WidthCost:
         supported = [m for m in model.modules() if isinstance(m, PRICED)]
 
         def keep(mod: nn.Module, _i: object, out: torch.Tensor) -> None:
-            spatial[mod] = positions(mod, out)
+            spatial[mod] = spatial.get(mod, 0) + positions(mod, out)  # a shared head runs once per level
 
         with inspecting(model, dict.fromkeys(supported, keep)), torch.no_grad():
             model(pruner.example)
