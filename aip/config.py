@@ -293,7 +293,10 @@ def validate(cfg: Config) -> None:
     _positive("train.eval_every", cfg.train.eval_every)
     _positive("data.batch_size", cfg.data.batch_size)
     _positive("data.eval_batch_size", cfg.data.eval_batch_size)
-    _positive("data.num_workers", cfg.data.num_workers, zero_ok=True)
+    if isinstance(cfg.data.num_workers, str) and cfg.data.num_workers != "auto":
+        raise ConfigError(f"data.num_workers: a count >= 0 or auto, got {cfg.data.num_workers!r}")
+    if isinstance(cfg.data.num_workers, int):
+        _positive("data.num_workers", cfg.data.num_workers, zero_ok=True)
     if cfg.data.train_subset is not None:
         _positive("data.train_subset", cfg.data.train_subset)
     _positive("data.num_classes", cfg.data.num_classes)

@@ -177,7 +177,7 @@ def recover(
             bar = session.bar(batches, f"stage {stage.index} epoch {epoch + 1}/{stage.epochs}")
             for batch, (x, y) in enumerate(bar, start=done):
                 try:
-                    loss, terms = step(x, y)
+                    loss, terms = step(session.train_inputs(x, batch), y)
                 except NonFiniteError as exc:
                     where = f"stage {stage.index} ({stage.kind}), epoch {epoch + 1}"
                     raise NonFiniteError(f"{where}, step {state.global_step + 1}: {exc}") from None

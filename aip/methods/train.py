@@ -30,9 +30,9 @@ def train_supervised(session: Session, model: nn.Module, epochs: int, tag: str) 
         session.seed(0, epoch)
         model.train()
         bar = session.bar(train, f"{tag} epoch {epoch + 1}/{epochs}", leave=False)
-        for x, y in bar:
+        for batch, (x, y) in enumerate(bar):
             with acc.accumulate(model):
-                loss = F.cross_entropy(model(x), y)
+                loss = F.cross_entropy(model(session.train_inputs(x, batch)), y)
                 acc.backward(loss)
                 try:
                     check_losses({"loss_ce": loss}, acc)  # before the step: a NaN never reaches the weights
