@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
+import shutil
+import sys
 import types
 import typing
 from pathlib import Path
@@ -327,7 +330,18 @@ def validate(cfg: Config) -> None:
             f"model.teacher_checkpoint: no file at {cfg.model.teacher_checkpoint!r}; give a local path, "
             "or null to train a teacher first"
         )
+    if cfg.train.compile and cxx_compiler() is None:
+        raise ConfigError(
+            "train.compile: torch.compile's inductor needs a C++ compiler and none was found (set $CXX or install "
+            "g++), or set train.compile=false"
+        )
     _validate_user_model(cfg)
+
+
+def cxx_compiler() -> str | None:
+    """The C++ compiler torch.compile's inductor would use ($CXX, else g++; clang++ on macOS), if it is installed."""
+    name = os.environ.get("CXX") or ("clang++" if sys.platform == "darwin" else "g++")
+    return shutil.which(name)
 
 
 def _validate_user_model(cfg: Config) -> None:

@@ -105,6 +105,11 @@ class TrainConfig:
         False,
         "pruning modes: also evaluate right after each prune and after every recovery epoch (report.json 'curve')",
     )
+    compile: bool = option(
+        False,
+        "train under torch.compile (inductor; needs a C++ compiler), compiled afresh after each prune; checkpoints "
+        "and exports hold the plain model",
+    )
 
 
 @dataclass

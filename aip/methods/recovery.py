@@ -16,6 +16,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from aip import checkpoint as ckpt
+from aip.compiled import compiled
 from aip.config import ConfigError, LossConfig
 from aip.distill.discriminator import Discriminator
 from aip.distill.features import FeatureTaps
@@ -158,7 +159,11 @@ def recover(
     if restore is not None:
         acc.load_state(str(restore / ckpt.STATE_DIR))
     every = cfg.checkpoint.every_n_steps
-    with FeatureTaps(teacher, taps) as t_taps, FeatureTaps(student, taps) as s_taps:
+    with (
+        FeatureTaps(teacher, taps) as t_taps,
+        FeatureTaps(student, taps) as s_taps,
+        compiled(acc.unwrap_model(student_p), cfg.train.compile),  # afresh for this stage's architecture
+    ):
         step = DistillStep(
             acc, teacher, student_p, disc_p, disc, opt_s, opt_d, sched, t_taps, s_taps, losses or cfg.loss
         )
