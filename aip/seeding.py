@@ -2,9 +2,11 @@
 
 The global random streams depend on what ran before (a teacher trained or loaded, a search run or read back), so
 nothing that must be reproducible draws from them as they happen to be: a random construction (the discriminator's
-initial weights, the calibration batches) runs under `seeded(derive_seed(seed, name, ...))`, and every training batch
-is fetched with the streams seeded from the epoch's seed and the batch's sample indices (`SeededBatches`). A resumed
-epoch can then skip its first batches by index, without loading them, and still draw what an unbroken run draws.
+initial weights, the calibration batches) runs under `seeded(derive_seed(seed, name, ...))`; every training batch
+read per sample is fetched with the streams seeded from the epoch's seed and the batch's sample indices
+(`SeededBatches`), and every batch is trained on with them seeded from the epoch's seed and its index (in-memory sets
+are augmented on the device from that seed: `Session.train_inputs`). A resumed epoch can then skip its first batches
+by index, without loading them, and still draw what an unbroken run draws.
 """
 
 from __future__ import annotations
