@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import platform
 import statistics
 import sys
@@ -408,7 +409,9 @@ def main() -> None:
     repeats = 5 if args.quick else 11
     loader_batches = 50 if args.quick else 200
     if args.only_loader:
-        write_loader(args, loader_speed(args.device, repeats, 128, loader_batches))
+        load = os.getloadavg()[0]
+        result = loader_speed(args.device, repeats, 128, loader_batches)
+        write_loader(args, {**result, "load_1min": [load, os.getloadavg()[0]]})
         return
     models = [("cifar_resnet56", 32), ("torchvision:resnet18", 224)]
     if not args.quick:
@@ -437,7 +440,9 @@ def write_loader(args: argparse.Namespace, result: dict) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / f"speed-loader-{args.device}.json").write_text(json.dumps({"command": command, **result}, indent=1))
+    load = "load average (1 min) {:.1f} at the start, {:.1f} at the end".format(*result["load_1min"])
     lines = [f"# Input pipeline ({args.device}: {machine}, torch {torch.__version__})", "", f"Command: `{command}`"]
+    lines += ["", f"Machine load: {load} (other jobs shared the machine when above its CPU count)."]
     lines += loader_lines(result)
     (out / f"speed-loader-{args.device}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
