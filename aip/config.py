@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
+import shutil
+import sys
 import types
 import typing
 from pathlib import Path
@@ -303,7 +306,10 @@ def validate(cfg: Config) -> None:
     _positive("train.eval_every", cfg.train.eval_every)
     _positive("data.batch_size", cfg.data.batch_size)
     _positive("data.eval_batch_size", cfg.data.eval_batch_size)
-    _positive("data.num_workers", cfg.data.num_workers, zero_ok=True)
+    if isinstance(cfg.data.num_workers, str) and cfg.data.num_workers != "auto":
+        raise ConfigError(f"data.num_workers: a count >= 0 or auto, got {cfg.data.num_workers!r}")
+    if isinstance(cfg.data.num_workers, int):
+        _positive("data.num_workers", cfg.data.num_workers, zero_ok=True)
     if cfg.data.train_subset is not None:
         _positive("data.train_subset", cfg.data.train_subset)
     _positive("data.num_classes", cfg.data.num_classes)
@@ -334,7 +340,18 @@ def validate(cfg: Config) -> None:
             f"model.teacher_checkpoint: no file at {cfg.model.teacher_checkpoint!r}; give a local path, "
             "or null to train a teacher first"
         )
+    if cfg.train.compile and cxx_compiler() is None:
+        raise ConfigError(
+            "train.compile: torch.compile's inductor needs a C++ compiler and none was found (set $CXX or install "
+            "g++), or set train.compile=false"
+        )
     _validate_user_model(cfg)
+
+
+def cxx_compiler() -> str | None:
+    """The C++ compiler torch.compile's inductor would use ($CXX, else g++; clang++ on macOS), if it is installed."""
+    name = os.environ.get("CXX") or ("clang++" if sys.platform == "darwin" else "g++")
+    return shutil.which(name)
 
 
 def _validate_user_model(cfg: Config) -> None:

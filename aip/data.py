@@ -1,15 +1,17 @@
 """Dataset registry: cifar10, cifar100, fashion_mnist, imagefolder (ImageNet layout) and a seeded synthetic set.
 
 Nothing is downloaded unless `data.download: true`. Each entry checks its config cheaply (`validate`, called before
-any work) and builds train and validation sets with the usual augmentations (`build`). `data.mean` and `data.std`
-replace a data set's normalisation; the synthetic set has none of its own, so there they apply to its raw values.
+any work) and builds train and validation sets with the usual augmentations (`build`). Sets that fit in memory
+(CIFAR, FashionMNIST, the synthetic set) are held as one uint8 tensor and augmented a batch at a time on the device
+(`aip.batches`); ImageNet-layout trees are decoded from their files per sample, in loader workers. `data.mean` and
+`data.std` replace a data set's normalisation; the synthetic set has none of its own, so there they apply to its raw
+values.
 """
 
 from __future__ import annotations
 
 import copy
 import pickle
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +21,7 @@ from torch.utils.data import Dataset, Subset
 from torchvision import datasets
 from torchvision.transforms import v2
 
+from aip.batches import BatchTransform, MemoryImages
 from aip.config import ConfigError, DataConfig
 from aip.images import decode_folder, load_image
 from aip.registry import Registry
@@ -65,27 +68,6 @@ def eval_view(train: Dataset, val: Dataset) -> Dataset:
     view = copy.copy(train)
     view.transform = val.transform
     return view
-
-
-class TensorImages(Dataset):
-    """Images held in memory as one tensor (uint8 or float), with an optional per-sample transform."""
-
-    def __init__(
-        self,
-        images: torch.Tensor,
-        labels: torch.Tensor,
-        transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
-    ) -> None:
-        self.images, self.labels, self.transform = images, labels, transform
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        x = self.images[i]
-        if self.transform is not None:
-            x = self.transform(x).as_subclass(torch.Tensor)  # plain tensors, not torchvision's tv_tensors
-        return x, int(self.labels[i])
 
 
 SUBSET_SEED = 0
@@ -141,35 +123,12 @@ def _check_subset(cfg: DataConfig) -> None:
         )
 
 
-class PadCropFlip:
-    """Per-sample transform of a (C, H, W) tensor: scale uint8 to [0, 1], optionally pad-and-random-crop back to
-    the same size and flip horizontally at random, then normalise per channel.
-
-    Written out by hand rather than as a torchvision v2 pipeline: the same operations at about a fifth of the cost
-    (some 30 us against 140 us per CIFAR image on one CPU core), which matters when the loader runs in the main process.
-    """
-
-    def __init__(self, mean: tuple[float, ...], std: tuple[float, ...], pad: int = 0, flip: bool = False) -> None:
-        self.mean = torch.tensor(mean).view(-1, 1, 1)
-        self.std = torch.tensor(std).view(-1, 1, 1)
-        self.pad, self.flip = pad, flip
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.float() / 255 if x.dtype == torch.uint8 else x.float()
-        if self.pad:
-            h, w = x.shape[-2:]
-            i, j = torch.randint(0, 2 * self.pad + 1, (2,)).tolist()
-            x = F.pad(x, (self.pad,) * 4)[:, i : i + h, j : j + w]
-        if self.flip and torch.rand(()) < 0.5:
-            x = x.flip(-1)
-        return (x - self.mean) / self.std
-
-
 def _pad_crop_flip(
     mean: tuple[float, ...], std: tuple[float, ...], pad: int, augment: bool
-) -> tuple[PadCropFlip, PadCropFlip]:
+) -> tuple[BatchTransform, BatchTransform]:
     """Train and eval transforms: pad-crop and flip for training when augmenting; normalisation for both."""
-    return PadCropFlip(mean, std, pad if augment else 0, augment), PadCropFlip(mean, std)
+    train = BatchTransform(mean, std, pad if augment else 0, augment)
+    return train, train.without_augmentation()
 
 
 @register_dataset("synthetic")
@@ -183,6 +142,7 @@ class Synthetic:
     SEED = 1234
     NOISE = 2.0
     DISTRACTOR = 0.8
+    RANGE = (-10.0, 10.0)  # raw values kept as uint8 over this range
 
     @classmethod
     def validate(cls, cfg: DataConfig) -> None:
@@ -230,13 +190,24 @@ class Synthetic:
         templates = templates / templates.flatten(1).std(dim=1).view(-1, 1, 1, 1)
         train_x, train_y = cls._make(templates, cfg.train_size, gen)
         val_x, val_y = cls._make(templates, cfg.val_size, gen)
-        if cfg.mean is not None or cfg.std is not None:  # no normalisation of its own: mean 0, std 1
-            train_t, val_t = _pad_crop_flip(*_norm(cfg, (0.0,) * 3, (1.0,) * 3), 0, cfg.augment)
-        else:
-            train_t, val_t = (v2.RandomHorizontalFlip() if cfg.augment else None), None
-        return DataBundle(
-            TensorImages(train_x, train_y, train_t), TensorImages(val_x, val_y, val_t), cfg.num_classes, (3, s, s)
+        # Normalisation of the raw values (none of its own: mean 0, std 1), moved onto the uint8 scale.
+        lo, span = cls.RANGE[0], cls.RANGE[1] - cls.RANGE[0]
+        mean, std = _norm(cfg, (0.0,) * 3, (1.0,) * 3)
+        train_t, val_t = _pad_crop_flip(
+            tuple((m - lo) / span for m in mean), tuple(v / span for v in std), 0, cfg.augment
         )
+        return DataBundle(
+            MemoryImages(cls._quantise(train_x), train_y, train_t),
+            MemoryImages(cls._quantise(val_x), val_y, val_t),
+            cfg.num_classes,
+            (3, s, s),
+        )
+
+    @classmethod
+    def _quantise(cls, images: torch.Tensor) -> torch.Tensor:
+        """Raw values as uint8 over RANGE (steps of 0.08 against noise of std 2; 1 value in 20000 is clipped)."""
+        lo, hi = cls.RANGE
+        return ((images.clamp(lo, hi) - lo) * (255 / (hi - lo))).round().to(torch.uint8)
 
 
 def _torchvision_pair(tv_class: type, cfg: DataConfig) -> tuple[Dataset, Dataset]:
@@ -296,15 +267,15 @@ class _Cifar:
                     f"data.root: {cfg.name} images must be 32x32 RGB, {str(root)!r} has {tuple(tx.shape[1:])}; "
                     "for other sizes use data.name=imagefolder (train/ and val/)"
                 )
-            return DataBundle(TensorImages(tx, ty, train_t), TensorImages(vx, vy, val_t), len(classes), (3, 32, 32))
+            return DataBundle(MemoryImages(tx, ty, train_t), MemoryImages(vx, vy, val_t), len(classes), (3, 32, 32))
         train, val = _torchvision_pair(cls.tv_class, cfg)
 
         def to_chw(a) -> torch.Tensor:
             return torch.from_numpy(a).permute(0, 3, 1, 2).contiguous()
 
         return DataBundle(
-            TensorImages(to_chw(train.data), torch.tensor(train.targets), train_t),
-            TensorImages(to_chw(val.data), torch.tensor(val.targets), val_t),
+            MemoryImages(to_chw(train.data), torch.tensor(train.targets), train_t),
+            MemoryImages(to_chw(val.data), torch.tensor(val.targets), val_t),
             cls.classes,
             (3, 32, 32),
         )
@@ -348,8 +319,8 @@ class FashionMNIST:
         train_t, val_t = _pad_crop_flip(*_norm(cfg, FASHION_MNIST_MEAN, FASHION_MNIST_STD), 2, cfg.augment)
         train, val = _torchvision_pair(datasets.FashionMNIST, cfg)
         return DataBundle(
-            TensorImages(train.data[:, None], train.targets, train_t),
-            TensorImages(val.data[:, None], val.targets, val_t),
+            MemoryImages(train.data[:, None], train.targets, train_t),
+            MemoryImages(val.data[:, None], val.targets, val_t),
             10,
             (1, 28, 28),
         )

@@ -60,7 +60,11 @@ class DataConfig:
     download: bool = option(False, "fetch a torchvision data set into data.root when it is missing")
     batch_size: int = option(64, "training batch size of each process")
     eval_batch_size: int = option(256, "evaluation batch size of each process (does not change any result)")
-    num_workers: int = option(0, "DataLoader worker processes (0: load in the main process)")
+    num_workers: int | str = option(
+        "auto",
+        "DataLoader worker processes (0: load in the main process); auto: none for in-memory sets (CIFAR, "
+        "FashionMNIST, synthetic: augmented on the device), else the CPUs given to each process, at most 8",
+    )
     augment: bool = option(True, "augment training images (pad-crop and flip; imagefolder: random resized crop)")
     train_subset: int | None = option(
         None, "train on a fixed random choice of N samples (the same in every run); null: all of them"
@@ -100,6 +104,11 @@ class TrainConfig:
     eval_each_epoch: bool = option(
         False,
         "pruning modes: also evaluate right after each prune and after every recovery epoch (report.json 'curve')",
+    )
+    compile: bool = option(
+        False,
+        "train under torch.compile (inductor; needs a C++ compiler), compiled afresh after each prune; checkpoints "
+        "and exports hold the plain model",
     )
 
 

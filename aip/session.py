@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import InitProcessGroupKwargs, broadcast, set_seed
+from accelerate.utils import DataLoaderConfiguration, InitProcessGroupKwargs, broadcast, set_seed
 from safetensors.torch import load_file
 from torch import nn
 from torch.utils.data import DataLoader
@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 
 from aip import checkpoint as ckpt
 from aip.accel import CPU_ONLY, mixed_precision, process_group_kwargs
+from aip.batches import WholeBatches, device_transform, resolve_workers, whole_batch
 from aip.checks import check_names
 from aip.config import Config, ConfigError, save_config
 from aip.data import DataBundle, build_data
@@ -35,7 +36,7 @@ from aip.models import create_model
 from aip.models.weights import load_into, load_state_dict_file
 from aip.prune.cost import model_cost
 from aip.report import write_report
-from aip.seeding import SeededBatches
+from aip.seeding import SeededBatches, derive_seed
 
 TRACKER_RUN = "tb"  # trackers log under the run directory: TensorBoard's event files in <run>/tb/
 
@@ -114,6 +115,7 @@ class Session:
             kwargs_handlers=[InitProcessGroupKwargs(**group)] if group else None,
             log_with=trackers or None,
             project_dir=str(self.run_dir),
+            dataloader_config=DataLoaderConfiguration(non_blocking=not CPU_ONLY),  # from pinned memory, on a GPU
         )
         self.main = self.accelerator.is_main_process
         set_seed(cfg.seed)
@@ -169,27 +171,51 @@ class Session:
     # -------------------------------------------------------------- data
     def seed(self, stage: int, epoch: int) -> None:
         """Seed everything from (seed, stage, epoch) so a resumed stage draws the same data as an unbroken run:
-        the shuffle, and each training batch's augmentation (seeded from this value and the batch's indices, so a
-        resumed epoch skips its first batches by index and still draws what follows them)."""
+        the shuffle, and each training batch's augmentation (seeded from this value and the batch's index, see
+        `train_inputs`, so a resumed epoch skips its first batches by index and still draws what follows them)."""
         value = (self.cfg.seed * 100_003 + stage * 1_009 + epoch) % 2**32  # NumPy takes seeds below 2**32
         set_seed(value)
         self._loader_gen.manual_seed(value)
         self._batches.seed = value
 
+    def loader_options(self, dataset: Any) -> dict[str, Any]:
+        """Workers, pinned memory and collation of a loader over `dataset`: an in-memory set is fetched a whole
+        uint8 batch at a time (no workers under `data.num_workers: auto`); files are decoded in worker processes."""
+        in_memory = device_transform(dataset) is not None
+        workers = resolve_workers(self.cfg.data.num_workers, in_memory, self.accelerator.state.num_processes)
+        gpu = not CPU_ONLY
+        return {
+            "num_workers": workers,
+            "pin_memory": gpu,
+            "persistent_workers": gpu and workers > 0,
+            "collate_fn": whole_batch if in_memory else None,
+        }
+
     def train_loader(self) -> DataLoader:
+        """Shuffled training batches of the epoch `seed` set; in-memory sets come as uint8 (see `train_inputs`)."""
         return DataLoader(
             self._batches,
             batch_size=self.cfg.data.batch_size,
             shuffle=True,
             drop_last=True,
-            num_workers=self.cfg.data.num_workers,
             generator=self._loader_gen,
+            **self.loader_options(self.data.train),
         )
 
     def val_loader(self) -> DataLoader:
-        return DataLoader(
-            self.data.val, batch_size=self.cfg.data.eval_batch_size, num_workers=self.cfg.data.num_workers
-        )
+        """Validation batches in order; in-memory sets come as uint8, which `evaluate` normalises on the device."""
+        options = self.loader_options(self.data.val)
+        dataset = WholeBatches(self.data.val) if options["collate_fn"] is not None else self.data.val
+        return DataLoader(dataset, batch_size=self.cfg.data.eval_batch_size, **options)
+
+    def train_inputs(self, x: torch.Tensor, index: int) -> torch.Tensor:
+        """Training batch `index` of the epoch, on the device, as the model's input: the global streams are seeded
+        from (epoch seed, process, index), and an in-memory set's uint8 batch is augmented and normalised from that
+        seed, so a resumed epoch that skips batches by index goes on as an unbroken one."""
+        seed = derive_seed(self._batches.seed, self.accelerator.process_index, index)
+        set_seed(seed)
+        transform = self._batches.device_transform
+        return x if transform is None else transform(x, torch.Generator().manual_seed(seed))
 
     def steps_per_epoch(self, loader: DataLoader) -> int:
         """Optimizer steps per epoch on one process, for a loader not yet sharded by `prepare`."""
@@ -233,7 +259,10 @@ class Session:
         was_training = model.training
         model.eval()
         correct1 = correct5 = total = 0
+        transform = getattr(loader.dataset, "device_transform", None)  # in-memory sets: normalised here
         for x, y in loader:
+            if transform is not None:
+                x = transform(x)
             with self.accelerator.autocast():
                 logits = model(x)
             logits, y = self.accelerator.gather_for_metrics((logits, y))

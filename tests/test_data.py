@@ -13,8 +13,9 @@ import torch
 from PIL import Image
 from torchvision import datasets
 
+from aip.batches import BatchTransform, MemoryImages
 from aip.config import ConfigError, DataConfig
-from aip.data import DATASETS, PadCropFlip, build_data
+from aip.data import DATASETS, build_data
 from aip.images import DataError
 
 
@@ -227,22 +228,20 @@ def test_a_damaged_cache_is_rebuilt(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     assert not list((tmp_path / "cache").glob("*.tmp"))
 
 
-def test_cifar_augmentation_pads_crops_flips_and_normalises() -> None:
-    image = torch.full((3, 32, 32), 255, dtype=torch.uint8)
-    plain = PadCropFlip((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))(image)
+def test_per_sample_cifar_augmentation_pads_crops_flips_and_normalises() -> None:
+    image = torch.full((1, 3, 32, 32), 255, dtype=torch.uint8)
+    labels = torch.zeros(1, dtype=torch.long)
+    plain = MemoryImages(image, labels, BatchTransform((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)))[0][0]
     assert type(plain) is torch.Tensor and torch.allclose(plain, torch.ones(3, 32, 32))
-    augment = PadCropFlip((0.5, 0.5, 0.5), (0.5, 0.5, 0.5), pad=4, flip=True)
-    outs = torch.stack([augment(image) for _ in range(50)])
+    augment = MemoryImages(image, labels, BatchTransform((0.5, 0.5, 0.5), (0.5, 0.5, 0.5), pad=4, flip=True))
+    outs = torch.stack([augment[0][0] for _ in range(50)])
     assert outs.shape == (50, 3, 32, 32)
     assert set(outs.unique().tolist()) == {-1.0, 1.0}  # the image, or the zero padding shifted in
     assert (outs == -1).any(dim=(1, 2, 3)).float().mean() > 0.5  # most crops are off-centre
-    ramp = torch.arange(32, dtype=torch.uint8).expand(1, 32, 32)
-    flips = {
-        bool(torch.equal(o, o.flip(-1))) for o in [PadCropFlip((0.0,), (1.0,), flip=True)(ramp) for _ in range(40)]
-    }
-    assert flips == {False}
-    flipped = [PadCropFlip((0.0,), (1.0,), flip=True)(ramp)[0, 0, 0].item() for _ in range(40)]
-    assert min(flipped) == 0.0 and max(flipped) == pytest.approx(31 / 255)  # both orientations occur
+    ramp = torch.arange(32, dtype=torch.uint8).expand(1, 1, 32, 32)
+    flipping = MemoryImages(ramp, labels, BatchTransform((0.0,), (1.0,), flip=True))
+    firsts = {round(flipping[0][0][0, 0, 0].item() * 255) for _ in range(40)}
+    assert firsts == {0, 31}  # both orientations occur, nothing else
 
 
 def test_loaders_return_plain_tensors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

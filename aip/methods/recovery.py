@@ -16,6 +16,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from aip import checkpoint as ckpt
+from aip.compiled import compiled
 from aip.config import ConfigError, LossConfig
 from aip.distill.discriminator import Discriminator
 from aip.distill.features import FeatureTaps
@@ -161,7 +162,11 @@ def recover(
     if restore is not None:
         acc.load_state(str(restore / ckpt.STATE_DIR))
     every = cfg.checkpoint.every_n_steps
-    with FeatureTaps(teacher, taps) as t_taps, FeatureTaps(student, taps) as s_taps:
+    with (
+        FeatureTaps(teacher, taps) as t_taps,
+        FeatureTaps(student, taps) as s_taps,
+        compiled(acc.unwrap_model(student_p), cfg.train.compile),  # afresh for this stage's architecture
+    ):
         step = DistillStep(
             acc, teacher, student_p, disc_p, disc, opt_s, opt_d, sched, t_taps, s_taps, losses or cfg.loss
         )
@@ -180,7 +185,7 @@ def recover(
             bar = session.bar(batches, f"stage {stage.index} epoch {epoch + 1}/{stage.epochs}")
             for batch, (x, y) in enumerate(bar, start=done):
                 try:
-                    loss, terms = step(x, y)
+                    loss, terms = step(session.train_inputs(x, batch), y)
                 except NonFiniteError as exc:
                     where = f"stage {stage.index} ({stage.kind}), epoch {epoch + 1}"
                     raise NonFiniteError(f"{where}, step {state.global_step + 1}: {exc}") from None

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch.nn.functional as F
 from torch import nn
 
+from aip.compiled import compiled
 from aip.guards import NonFiniteError, check_losses
 from aip.report import write_report
 from aip.session import Outcome, Session
@@ -26,29 +27,30 @@ def train_supervised(session: Session, model: nn.Module, epochs: int, tag: str) 
         model, optimizer, scheduler, raw_train, session.val_loader()
     )
     step = 0
-    for epoch in range(epochs):
-        session.seed(0, epoch)
-        model.train()
-        bar = session.bar(train, f"{tag} epoch {epoch + 1}/{epochs}", leave=False)
-        for x, y in bar:
-            with acc.accumulate(model):
-                loss = F.cross_entropy(model(x), y)
-                acc.backward(loss)
-                try:
-                    check_losses({"loss_ce": loss}, acc)  # before the step: a NaN never reaches the weights
-                except NonFiniteError as exc:
-                    raise NonFiniteError(f"{tag} training, epoch {epoch + 1}, step {step + 1}: {exc}") from None
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-            step += 1
-            if step % cfg.train.log_every == 0:
-                bar.set_postfix(loss=f"{loss.item():.3f}")
-                session.log({f"{tag}/loss_ce": loss.item(), f"{tag}/lr": scheduler.get_last_lr()[0]}, step)
-        if (epoch + 1) % cfg.train.eval_every == 0 or epoch + 1 == epochs:
-            top1, top5 = session.evaluate(model, val)
-            session.log({f"{tag}/top1": top1, f"{tag}/top5": top5}, epoch + 1)
-            session.print(f"{tag} epoch {epoch + 1}/{epochs}: top-1 {top1:.2f}  top-5 {top5:.2f}")
+    with compiled(acc.unwrap_model(model), cfg.train.compile):
+        for epoch in range(epochs):
+            session.seed(0, epoch)
+            model.train()
+            bar = session.bar(train, f"{tag} epoch {epoch + 1}/{epochs}", leave=False)
+            for batch, (x, y) in enumerate(bar):
+                with acc.accumulate(model):
+                    loss = F.cross_entropy(model(session.train_inputs(x, batch)), y)
+                    acc.backward(loss)
+                    try:
+                        check_losses({"loss_ce": loss}, acc)  # before the step: a NaN never reaches the weights
+                    except NonFiniteError as exc:
+                        raise NonFiniteError(f"{tag} training, epoch {epoch + 1}, step {step + 1}: {exc}") from None
+                    optimizer.step()
+                    scheduler.step()
+                    optimizer.zero_grad(set_to_none=True)
+                step += 1
+                if step % cfg.train.log_every == 0:
+                    bar.set_postfix(loss=f"{loss.item():.3f}")
+                    session.log({f"{tag}/loss_ce": loss.item(), f"{tag}/lr": scheduler.get_last_lr()[0]}, step)
+            if (epoch + 1) % cfg.train.eval_every == 0 or epoch + 1 == epochs:
+                top1, top5 = session.evaluate(model, val)
+                session.log({f"{tag}/top1": top1, f"{tag}/top5": top5}, epoch + 1)
+                session.print(f"{tag} epoch {epoch + 1}/{epochs}: top-1 {top1:.2f}  top-5 {top5:.2f}")
     model = acc.unwrap_model(model)
     acc.free_memory()
     return model
