@@ -122,7 +122,8 @@ class Session:
         self.data: DataBundle = data if data is not None else self.task.build_data(cfg)
         self.example = self.task.example(self.data)
         self.model = copy.deepcopy(model) if model is not None else None
-        classes = output_classes(model, self.example[0]) if model is not None else self.data.num_classes
+        given = model is not None and self.task.name == "classification"  # a detector's classes are not probed
+        classes = output_classes(model, self.example[0]) if given else self.data.num_classes
         if classes != self.data.num_classes:
             raise ConfigError(
                 f"teacher: returns {classes} classes, the data has {self.data.num_classes} "
@@ -206,7 +207,7 @@ class Session:
     def val_loader(self) -> DataLoader:
         """Validation batches in order; in-memory sets come as uint8, which `evaluate` normalises on the device."""
         options = self.loader_options(self.data.val)
-        dataset = WholeBatches(self.data.val) if options["collate_fn"] is not None else self.data.val
+        dataset = WholeBatches(self.data.val) if options["collate_fn"] is whole_batch else self.data.val
         return DataLoader(dataset, batch_size=self.cfg.data.eval_batch_size, **options)
 
     def train_inputs(self, x: torch.Tensor, index: int) -> torch.Tensor:

@@ -108,9 +108,11 @@ def check_taps(session: Session) -> None:
 
 
 def tap_names(session: Session, student: nn.Module) -> list[str]:
-    """Modules tapped for attention transfer; none when its weight is 0 (so any model works without it)."""
+    """Modules tapped for attention transfer (and a detector's adversarial term); none when unused (so any model
+    works without them)."""
     cfg = session.cfg
-    if cfg.loss.at.weight == 0:
+    adversarial_on_taps = session.task.name == "detection" and cfg.loss.adv.weight > 0
+    if cfg.loss.at.weight == 0 and not adversarial_on_taps:
         return []
     return cfg.model.taps or session.task.default_taps(student, cfg)
 
