@@ -4,6 +4,8 @@ traces (torchvision's detectors mostly do not: post-processing has data-dependen
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 import warnings
 from pathlib import Path
@@ -61,9 +63,10 @@ def load_pruned_detector(path: str | Path) -> nn.Module:
 
 def _pt2(model: nn.Module, example: torch.Tensor, path: Path) -> str | None:
     """Write the torch.export program of `model`; the reason (one line) when it does not trace."""
-    logging.disable(logging.CRITICAL)  # a failed trace logs the whole graph
+    logging.disable(logging.CRITICAL)  # a failed trace prints and logs the whole graph
     try:
-        program = torch.export.export(_Batch(model).eval(), (example,), strict=False)
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            program = torch.export.export(_Batch(model).eval(), (example,), strict=False)
         torch.export.save(program, path)
     except Exception as exc:  # noqa: BLE001 - any tracing failure falls back to the weights file
         return " ".join(str(exc).split())[:160] or type(exc).__name__
