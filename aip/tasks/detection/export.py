@@ -54,7 +54,7 @@ def load_pruned_detector(path: str | Path) -> nn.Module:
     size = cfg["data"]["image_size"]
     detector = create_detector(cfg["model"]["name"], payload["num_classes"], size, **cfg["model"]["kwargs"])
     view = PrunableDetector(detector).eval()
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), torch.enable_grad():  # the pruner traces through autograd
         warnings.simplefilter("ignore")
         ChannelPruner(view, view.batch([torch.zeros(3, size, size)]), head_layers(detector)).replay(payload["history"])
     detector.load_state_dict(payload["state_dict"])
