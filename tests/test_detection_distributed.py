@@ -45,5 +45,6 @@ def test_two_processes_prune_a_detector_identically_and_measure_the_same_map(tea
     assert one == two
     reports = [json.loads((tmp_path / run / "report.json").read_text()) for run in ("one", "two")]
     assert reports[0]["teacher"]["map50"] > 0
-    for a, b in zip([reports[0]["teacher"], *reports[0]["stages"]], [reports[1]["teacher"], *reports[1]["stages"]]):
+    rows = [[r["teacher"], *r["stages"]] for r in reports]
+    for a, b in zip(*rows, strict=True):
         assert a == pytest.approx(b, abs=1e-6)
