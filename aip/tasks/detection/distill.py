@@ -45,7 +45,11 @@ def has_dense_head(detector: nn.Module) -> bool:
 @torch.no_grad()
 def teacher_forward(teacher: nn.Module, images: list[torch.Tensor]) -> torch.Tensor | None:
     """The frozen teacher's transform and backbone (its taps fill) and, for a dense head, its class logits
-    (N, anchors, classes); no anchors, matching or post-processing."""
+    (N, anchors, classes); no anchors, matching or post-processing. A detector without torchvision's transform and
+    backbone runs whole, in eval mode (its taps fill; no KD)."""
+    if not (hasattr(teacher, "transform") and hasattr(teacher, "backbone")):  # a detector of its own making
+        teacher(images)
+        return None
     batch, _ = teacher.transform(images)
     features = teacher.backbone(batch.tensors)
     if not has_dense_head(teacher):
