@@ -13,7 +13,7 @@ from aip.distill.step import DistillStep
 from aip.export import write_exports
 from aip.models import classifier_of, create_model, default_taps
 from aip.prune.cost import model_cost
-from aip.tasks import Task
+from aip.tasks.base import Task
 
 if TYPE_CHECKING:
     from aip.config import Config, LossConfig

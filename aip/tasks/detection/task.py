@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from aip.prune.cost import model_cost
-from aip.tasks import Task
+from aip.tasks.base import Task
 from aip.tasks.detection.datasets import build_detection_data
 from aip.tasks.detection.distill import GRID, DetectionDistillStep
 from aip.tasks.detection.export import write_detection_exports
