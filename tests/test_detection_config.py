@@ -24,6 +24,7 @@ def test_detection_config_is_accepted_and_classification_stays_the_default() -> 
     ("data", "message"),
     [
         ({**DETECTION, "mode": "acp"}, "mode: acp is not supported yet with task detection"),
+        ({**DETECTION, "prune": {"capacity": {"enabled": True}}}, "prune.capacity.enabled: not supported yet"),
         ({**DETECTION, "model": {"name": "cifar_resnet20"}}, "model.name: 'cifar_resnet20' is a classifier"),
         ({**DETECTION, "data": {"name": "cifar10"}}, "data.name: 'cifar10' is not a detection data set"),
         ({"model": {"name": "tiny_ssd"}}, "model.name: 'tiny_ssd' is a detector; set task: detection"),

@@ -107,3 +107,12 @@ def test_killed_detection_run_resumes_mid_stage_to_the_unbroken_result(
     unbroken = torch.load(finished / "model_pruned.pt", weights_only=True)["state_dict"]
     for key, value in unbroken.items():
         torch.testing.assert_close(resumed[key], value, rtol=0, atol=0)
+
+
+def test_recovery_curve_records_map_after_each_prune_and_epoch(tmp_path: Path) -> None:
+    config = _config(tmp_path / "c.yaml", **{"train.eval_each_epoch": True, "prune.intervals": 1})
+    assert main(["--config", str(config), "--out", str(tmp_path / "run")]) == 0
+    report = _report(tmp_path / "run")
+    points = [(p["stage"], p["epoch"]) for p in report["curve"]]
+    assert points == [(1, 0), (1, 1), (2, 1)]
+    assert report["curve"][-1]["map"] == report["stages"][-1]["map"]
