@@ -39,7 +39,7 @@ def _load(session: Session, path: Path) -> torch.nn.Module:
 
 
 def analyze(config: str, checkpoint: str, overrides: list[str], out: str | None) -> int:
-    from aip.config import load_config
+    from aip.config import ConfigError, load_config
     from aip.methods.recovery import calibration
     from aip.models import classifier_of
     from aip.prune.capacity import estimate_capacity
@@ -49,6 +49,8 @@ def analyze(config: str, checkpoint: str, overrides: list[str], out: str | None)
     from aip.session import Session
 
     cfg = load_config(config, overrides)
+    if cfg.task != "classification":
+        raise ConfigError("task: the capacity analysis covers classification only, not task detection yet")
     path = Path(checkpoint)
     if not path.exists():
         raise FileNotFoundError(f"--checkpoint {checkpoint!r}: no such file or directory")

@@ -16,6 +16,9 @@ from aip.models import check_model_name
 from aip.models.user import is_import_path
 from aip.prune.importance import IMPORTANCES
 from aip.registry import UnknownNameError
+from aip.tasks.detection.data import DETECTION_DATASETS
+from aip.tasks.detection.datasets import build_detection_data  # noqa: F401  (registers the detection data sets)
+from aip.tasks.detection.models import DETECTORS
 
 # Criteria that rank by likeness rather than saliency: not allowed as the hybrid's saliency half.
 LIKENESS_CRITERIA = ("hybrid", "similarity", "fpgm")
@@ -31,6 +34,24 @@ def check_names(cfg: Config, dataset: bool = True) -> None:
 
     The data set's checks look for its files under data.root (without reading them); `--print-config` skips them.
     """
+    if cfg.task == "detection":
+        check_detection_names(cfg)
+    else:
+        check_classification_names(cfg)
+    _one_of("prune.criterion", cfg.prune.criterion, IMPORTANCES.names())
+    saliency = [n for n in IMPORTANCES.names() if n not in LIKENESS_CRITERIA]
+    _one_of("prune.hybrid.saliency", cfg.prune.hybrid.saliency, saliency)
+    check_trackers(cfg)
+    if dataset and cfg.task == "classification":
+        DATASETS.get(cfg.data.name).validate(cfg.data)
+
+
+def check_classification_names(cfg: Config) -> None:
+    """A classifier and a classification data set: detection names point at `task: detection`."""
+    if cfg.model.name in DETECTORS.names():
+        raise ConfigError(f"model.name: {cfg.model.name!r} is a detector; set task: detection to train or prune it")
+    if cfg.data.name in DETECTION_DATASETS.names() and cfg.data.name not in DATASETS.names():
+        raise ConfigError(f"data.name: {cfg.data.name!r} is a detection data set; set task: detection to use it")
     try:
         check_model_name(cfg.model.name)
     except UnknownNameError as exc:
@@ -40,12 +61,27 @@ def check_names(cfg: Config, dataset: bool = True) -> None:
             f"model.kwargs: only used with model.name: package.module:callable, not {cfg.model.name!r}; set it to {{}}"
         )
     _one_of("data.name", cfg.data.name, DATASETS.names())
-    _one_of("prune.criterion", cfg.prune.criterion, IMPORTANCES.names())
-    saliency = [n for n in IMPORTANCES.names() if n not in LIKENESS_CRITERIA]
-    _one_of("prune.hybrid.saliency", cfg.prune.hybrid.saliency, saliency)
-    check_trackers(cfg)
-    if dataset:
-        DATASETS.get(cfg.data.name).validate(cfg.data)
+
+
+def check_detection_names(cfg: Config) -> None:
+    """A detector (registered or package.module:callable) and a detection data set under `task: detection`."""
+    name = cfg.model.name
+    if not is_import_path(name) and name not in DETECTORS.names():
+        hint = " is a classifier" if _is_classifier(name) else " is not a detector"
+        raise ConfigError(f"model.name: {name!r}{hint}; task detection takes: {', '.join(DETECTORS.names())}")
+    if cfg.data.name not in DETECTION_DATASETS.names():
+        raise ConfigError(
+            f"data.name: {cfg.data.name!r} is not a detection data set; task detection takes: "
+            f"{', '.join(DETECTION_DATASETS.names())}"
+        )
+
+
+def _is_classifier(name: str) -> bool:
+    try:
+        check_model_name(name)
+    except UnknownNameError:
+        return False
+    return True
 
 
 def check_trackers(cfg: Config) -> None:

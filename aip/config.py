@@ -44,6 +44,7 @@ from aip.schema import option as option
 
 SEED_MAX = 2**32 - 1
 MODES = ("aip", "train", "acp", "eval")
+TASKS = ("classification", "detection")
 ACP_FINAL = ("aip", "finetune")
 SCHEDULERS = ("cosine", "step", "constant")
 MIXED_PRECISION = ("no", "fp16", "bf16")
@@ -232,7 +233,9 @@ def validate(cfg: Config) -> None:
     _check_finite(cfg)
     if not 0 <= cfg.seed <= SEED_MAX:
         raise ConfigError(f"seed: must lie in 0..{SEED_MAX} (what NumPy's seeding takes), got {cfg.seed}")
+    _choice("task", cfg.task, TASKS)
     _choice("mode", cfg.mode, MODES)
+    _validate_task(cfg)
     _choice("train.scheduler", cfg.train.scheduler, SCHEDULERS)
     if cfg.train.mixed_precision is not None:
         _choice("train.mixed_precision", cfg.train.mixed_precision, MIXED_PRECISION)
@@ -346,6 +349,22 @@ def validate(cfg: Config) -> None:
             "g++), or set train.compile=false"
         )
     _validate_user_model(cfg)
+
+
+def _validate_task(cfg: Config) -> None:
+    """What task detection does not support yet, and the keys only it takes (names: `aip.checks`)."""
+    if cfg.task == "classification":
+        if cfg.data.options:
+            raise ConfigError("data.options: only task detection takes a data set's own options; set it to {}")
+        return
+    if cfg.mode == "acp":
+        raise ConfigError("mode: acp is not supported yet with task detection; use mode aip")
+    if cfg.prune.target_latency_ratio is not None:
+        raise ConfigError("prune.target_latency_ratio: not supported yet with task detection; use a FLOPs target")
+    if cfg.prune.capacity.enabled:
+        raise ConfigError("prune.capacity.enabled: not supported yet with task detection; set it to false")
+    if cfg.train.compile:
+        raise ConfigError("train.compile: not supported yet with task detection; set it to false")
 
 
 def cxx_compiler() -> str | None:

@@ -1,4 +1,5 @@
-"""The stage table: params, FLOPs, top-1 and top-5 per stage with their ratios to the teacher, as JSON and Markdown,
+"""The stage table: params, FLOPs and two quality metrics per stage (top-1/top-5, a detector's mAP and mAP@.5)
+with their ratios to the teacher, as JSON and Markdown,
 and a plot of accuracy against FLOPs stage by stage.
 
 Latency is left to benchmarks/speed.py: timings are noisy, and a resumed run must write the same table as an
@@ -20,8 +21,19 @@ def _human(n: float) -> str:
     return f"{n:.0f}"
 
 
+LABELS = {"top1": "top-1", "top5": "top-5", "map": "mAP", "map50": "mAP@.5"}
+
+
+def metric_names(teacher: Row) -> tuple[str, str]:
+    """The two quality columns of a report: mAP and mAP@.5 for a detector, else top-1 and top-5."""
+    return ("map", "map50") if "map" in teacher else ("top1", "top5")
+
+
 def table_lines(teacher: Row, stages: list[Row]) -> list[str]:
-    """A Markdown table: the teacher, then one row per stage, with ratios to the teacher and the top-1 change."""
+    """A Markdown table: the teacher, then one row per stage, with ratios to the teacher and the top-1 change
+    (a detector's: both mAPs with their ratios to the teacher's)."""
+    if "map" in teacher:
+        return _detection_lines(teacher, stages)
     head = "| stage | kind | params | FLOPs | top-1 | top-5 | params ratio | FLOPs ratio | top-1 change |"
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     lines.append(
@@ -37,6 +49,22 @@ def table_lines(teacher: Row, stages: list[Row]) -> list[str]:
     return lines
 
 
+def _ratio(value: float, base: float) -> str:
+    return f"{value / base:.3f}" if base > 0 else "-"
+
+
+def _detection_lines(teacher: Row, stages: list[Row]) -> list[str]:
+    head = "| stage | kind | params | FLOPs | mAP | mAP@.5 | params ratio | FLOPs ratio | mAP ratio | mAP@.5 ratio |"
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for row in [{"stage": "teacher", "kind": "-", **teacher}, *stages]:
+        lines.append(
+            f"| {row['stage']} | {row['kind']} | {_human(row['params'])} | {_human(row['flops'])} | {row['map']:.2f} "
+            f"| {row['map50']:.2f} | {row['params'] / teacher['params']:.3f} | {row['flops'] / teacher['flops']:.3f} "
+            f"| {_ratio(row['map'], teacher['map'])} | {_ratio(row['map50'], teacher['map50'])} |"
+        )
+    return lines
+
+
 def plot_stages(teacher: Row, stages: list[Row], path: Path) -> None:
     """Top-1 and top-5 against the FLOPs ratio to the teacher, one point per stage, the teacher at 1.0."""
     import matplotlib
@@ -46,14 +74,15 @@ def plot_stages(teacher: Row, stages: list[Row], path: Path) -> None:
 
     ratios = [1.0] + [row["flops"] / teacher["flops"] for row in stages]
     fig, ax = plt.subplots(figsize=(6, 4))
-    for key, label in (("top1", "top-1"), ("top5", "top-5")):
+    for key in metric_names(teacher):
+        label = LABELS[key]
         values = [teacher[key]] + [row[key] for row in stages]
         ax.plot(ratios, values, marker="o", label=label)
         for ratio, value, name in zip(ratios, values, ["T"] + [str(r["stage"]) for r in stages], strict=True):
             ax.annotate(name, (ratio, value), textcoords="offset points", xytext=(4, 4), fontsize=7)
     ax.invert_xaxis()
     ax.set_xlabel("FLOPs ratio to the teacher")
-    ax.set_ylabel("accuracy (%) on the validation set")
+    ax.set_ylabel(("mAP" if "map" in teacher else "accuracy") + " (%) on the validation set")
     ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()
@@ -70,10 +99,13 @@ def write_report(run_dir: Path, teacher: Row, stages: list[Row], curve: list[Row
         out["curve"] = curve
     (run_dir / "report.json").write_text(json.dumps(out, indent=1))
     table = "\n".join(table_lines(teacher, stages))
-    (run_dir / "report.md").write_text(
-        "# Stage table\n\nFLOPs from torch.utils.flop_counter (one image); top-1/top-5 in % on the validation set."
-        f"\n\n{table}\n"
+    what = (
+        "FLOPs of the prunable view (backbone to raw head outputs, one image at the configured size); mAP@[.5:.95] and "
+        "mAP@.5 in %"
+        if "map" in teacher
+        else "FLOPs from torch.utils.flop_counter (one image); top-1/top-5 in %"
     )
+    (run_dir / "report.md").write_text(f"# Stage table\n\n{what} on the validation set.\n\n{table}\n")
     if stages:
         plot_stages(teacher, stages, run_dir / "report.png")
     return table

@@ -75,10 +75,15 @@ class DataConfig:
     std: list[float] | None = option(
         None, "per-channel normalisation std replacing the data set's own; null: its own (synthetic: none)"
     )
-    num_classes: int = option(10, "synthetic only: number of classes")
-    image_size: int = option(32, "synthetic only: image height and width in pixels")
+    num_classes: int = option(10, "synthetic only: number of classes (task detection: object classes, at most 12)")
+    image_size: int = option(
+        32, "synthetic only: image height and width in pixels (task detection: every image's longer side)"
+    )
     train_size: int = option(2048, "synthetic only: training images")
     val_size: int = option(512, "synthetic only: validation images")
+    options: dict[str, Any] = option(
+        {}, "task detection: the data set's own options, e.g. {val_size: 50} (pennfudan), {max_objects: 3} (synthetic)"
+    )
 
 
 @dataclass
@@ -251,7 +256,10 @@ class KDLoss:
 class LossConfig:
     """The student's loss: weighted sum of cross-entropy, distillation, attention transfer and adversarial terms."""
 
-    ce: WeightedLoss = option(WeightedLoss(0.7), "cross-entropy on the labels (1 - a with a = loss.kd.weight)")
+    ce: WeightedLoss = option(
+        WeightedLoss(0.7),
+        "cross-entropy on the labels (1 - a with a = loss.kd.weight); task detection: the detector's own losses",
+    )
     kd: KDLoss = option(KDLoss, "distillation on the teacher's outputs")
     # Attention transfer as in Zagoruyko & Komodakis, whose beta of 1000 fits this loss's per-position mean: with
     # weight 1 the term measured ~7e-4 on the debug run against ~0.1 for CE, i.e. it did nothing.
@@ -310,6 +318,11 @@ class Config:
     seed: int = option(0, "seeds everything; each stage and epoch re-seeds from it, which makes resume exact")
     name: str = option("run", "run name: runs/<name>-<time>; a --config file's stem unless set")
     out: str | None = option(None, "run directory; null: runs/<name>-<time> (the --out flag wins)")
+    task: str = option(
+        "classification",
+        "classification or detection (data.name a detection set: pennfudan, voc, coco, synthetic; model.name a "
+        "detector: tiny_ssd, ssdlite320_mobilenet_v3_large, fasterrcnn_mobilenet_v3_large_320_fpn, ... or your own)",
+    )
     model: ModelConfig = option(ModelConfig, "the network")
     data: DataConfig = option(DataConfig, "the data set")
     train: TrainConfig = option(TrainConfig, "optimisation")

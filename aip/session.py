@@ -28,15 +28,14 @@ from aip.accel import CPU_ONLY, mixed_precision, process_group_kwargs
 from aip.batches import WholeBatches, device_transform, resolve_workers, whole_batch
 from aip.checks import check_names
 from aip.config import Config, ConfigError, save_config
-from aip.data import DataBundle, build_data
-from aip.export import EXPORT_FILE, write_exports
+from aip.data import DataBundle
+from aip.export import EXPORT_FILE
 from aip.export import FILES as EXPORT_FILES
 from aip.guards import check_modules, check_state
-from aip.models import create_model
 from aip.models.weights import load_into, load_state_dict_file
-from aip.prune.cost import model_cost
 from aip.report import write_report
 from aip.seeding import SeededBatches, derive_seed
+from aip.tasks import task_for
 
 TRACKER_RUN = "tb"  # trackers log under the run directory: TensorBoard's event files in <run>/tb/
 
@@ -119,10 +118,12 @@ class Session:
         )
         self.main = self.accelerator.is_main_process
         set_seed(cfg.seed)
-        self.data: DataBundle = data if data is not None else build_data(cfg.data)
-        self.example = self.data.train[0][0].unsqueeze(0)
+        self.task = task_for(cfg)
+        self.data: DataBundle = data if data is not None else self.task.build_data(cfg)
+        self.example = self.task.example(self.data)
         self.model = copy.deepcopy(model) if model is not None else None
-        classes = output_classes(model, self.example[0]) if model is not None else self.data.num_classes
+        given = model is not None and self.task.name == "classification"  # a detector's classes are not probed
+        classes = output_classes(model, self.example[0]) if given else self.data.num_classes
         if classes != self.data.num_classes:
             raise ConfigError(
                 f"teacher: returns {classes} classes, the data has {self.data.num_classes} "
@@ -177,6 +178,7 @@ class Session:
         set_seed(value)
         self._loader_gen.manual_seed(value)
         self._batches.seed = value
+        self.task.set_epoch(self.data, value)
 
     def loader_options(self, dataset: Any) -> dict[str, Any]:
         """Workers, pinned memory and collation of a loader over `dataset`: an in-memory set is fetched a whole
@@ -188,7 +190,7 @@ class Session:
             "num_workers": workers,
             "pin_memory": gpu,
             "persistent_workers": gpu and workers > 0,
-            "collate_fn": whole_batch if in_memory else None,
+            "collate_fn": whole_batch if in_memory else self.task.collate,
         }
 
     def train_loader(self) -> DataLoader:
@@ -205,7 +207,7 @@ class Session:
     def val_loader(self) -> DataLoader:
         """Validation batches in order; in-memory sets come as uint8, which `evaluate` normalises on the device."""
         options = self.loader_options(self.data.val)
-        dataset = WholeBatches(self.data.val) if options["collate_fn"] is not None else self.data.val
+        dataset = WholeBatches(self.data.val) if options["collate_fn"] is whole_batch else self.data.val
         return DataLoader(dataset, batch_size=self.cfg.data.eval_batch_size, **options)
 
     def train_inputs(self, x: torch.Tensor, index: int) -> torch.Tensor:
@@ -227,8 +229,7 @@ class Session:
         """A model of the configured family, or a copy of the given model instance (with its weights)."""
         if self.model is not None:
             return copy.deepcopy(self.model)
-        m = self.cfg.model
-        return create_model(m.name, self.data.num_classes, self.data.input_shape[0], m.kwargs, self.example)
+        return self.task.create_model(self.cfg, self.data, self.example)
 
     def optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
         t = self.cfg.train
@@ -250,8 +251,12 @@ class Session:
         return self.accelerator.prepare(*objects)
 
     def cost(self, model: nn.Module) -> dict[str, int]:
-        c = model_cost(self.accelerator.unwrap_model(model), self.example.to(self.accelerator.device))
-        return {"params": c.params, "flops": c.flops}
+        """Parameters and FLOPs of the (unwrapped) model on the example, as the task counts them."""
+        return self.task.cost(self.accelerator.unwrap_model(model), self.example.to(self.accelerator.device))
+
+    def metrics(self, model: nn.Module, loader: DataLoader) -> dict[str, float]:
+        """The task's two quality metrics (%) over the whole validation set (top1/top5, or map/map50)."""
+        return self.task.evaluate(self, model, loader)
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, loader: DataLoader) -> tuple[float, float]:
@@ -335,11 +340,12 @@ class Session:
         self.prepare(*objects)
         self.accelerator.load_state(str(source / ckpt.STATE_DIR))
 
-    def finish(self, student: nn.Module, finished: Path | None = None) -> Outcome:
+    def finish(self, student: nn.Module, finished: Path | None = None, history: list | None = None) -> Outcome:
         """Export the pruned student (fp32, no autocast wrapper), then write the stage table and the pruning log.
 
         `finished`: the last stage checkpoint of a run that had ended before this resume; its exports are then only
-        repaired, from that checkpoint's weights without training, where missing or not loading."""
+        repaired, from that checkpoint's weights without training, where missing or not loading. `history`: the
+        pruning history, which a detector's export stores beside its weights."""
         acc = self.accelerator
         student = acc.unwrap_model(student, keep_fp32_wrapper=False)
         acc.free_memory()
@@ -349,10 +355,10 @@ class Session:
             if finished is not None:
                 student.load_state_dict(load_file(str(finished / ckpt.STATE_DIR / "model.safetensors")))
             # Every configured format; one that fails is a warning, never a crash at the end of a long run.
-            formats, repair = self.cfg.export.formats, finished is not None
-            written = write_exports(student, self.example, self.run_dir, formats, only_stale=repair)
+            repair = finished is not None
+            written = self.task.export(self, student, history or [], repair)
             if repair and written:
-                names = ", ".join(EXPORT_FILES[f] for f in written)
+                names = ", ".join(EXPORT_FILES.get(f, f) for f in written)
                 self.print(f"{names} missing or damaged in {self.run_dir}: exported again from {finished}")
             table = write_report(self.run_dir, self.state.teacher, self.state.rows, self.state.curve)
             (self.run_dir / "pruning_log.json").write_text(json.dumps(self.state.pruning_log, indent=1))

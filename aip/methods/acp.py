@@ -67,7 +67,7 @@ def run_acp(session: Session, resume: Path | None = None) -> Outcome:
     check_taps(session)
     teacher = load_teacher(session, resume.parent.parent if resume is not None else None)
     student = copy.deepcopy(teacher).requires_grad_(True).train()
-    disc = discriminator(session)
+    disc = discriminator(session, [])
     pruner = ChannelPruner(
         student,
         session.example.to(acc.device),

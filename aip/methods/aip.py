@@ -28,7 +28,6 @@ from aip.methods.recovery import (
     tap_names,
 )
 from aip.methods.train import copy_teacher, load_teacher
-from aip.models import classifier_of
 from aip.prune.capacity import LayerCapacity, estimate_capacity
 from aip.prune.importance import create_importance, criterion_for_interval
 from aip.prune.latency import LatencyTable, layer_times, measure_latency, relative_latency
@@ -172,12 +171,10 @@ def run_aip(session: Session, resume: Path | None = None, branch: Path | None = 
     acc.wait_for_everyone()
     teacher = load_teacher(session, source_run)
     student = copy.deepcopy(teacher).requires_grad_(True).train()
-    disc = discriminator(session)
-    example = session.example.to(acc.device)
-    pruner = ChannelPruner(
-        student, example, [classifier_of(student)], cfg.prune.max_layer_ratio, cfg.prune.round_to or 1
-    )
+    prunable, example, ignored = session.task.prunable(student, session.example.to(acc.device))
+    pruner = ChannelPruner(prunable, example, ignored, cfg.prune.max_layer_ratio, cfg.prune.round_to or 1)
     taps = tap_names(session, student)
+    disc = discriminator(session, taps)
     base: dict[str, float] = dict(session.cost(student))
     metric = target_metric(cfg)
     if metric == "latency":  # the teacher's, measured once (again on resume)
@@ -197,8 +194,7 @@ def run_aip(session: Session, resume: Path | None = None, branch: Path | None = 
         session.print(f"{'resumed' if resume else 'branched'} from {source} after stage {session.state.stage}")
     ended = resume if resume is not None and partial is None and session.state.stage >= stages[-1].index else None
     if not session.state.teacher:
-        top1, top5 = session.evaluate(teacher, val)
-        session.state.teacher = {**base, "top1": top1, "top5": top5}
+        session.state.teacher = {**base, **session.metrics(teacher, val)}
     apply_capacity(session, student, pruner)
 
     if resume is not None and partial is None:
@@ -228,4 +224,4 @@ def run_aip(session: Session, resume: Path | None = None, branch: Path | None = 
         latency = (lambda m: latency_ms(session, m, teacher, base["latency"])) if metric == "latency" else None
         end_stage(session, stage, prepared_student, val, base, pruner, latency)
 
-    return session.finish(student, finished=ended)
+    return session.finish(student, finished=ended, history=pruner.history())

@@ -20,8 +20,8 @@ def run_eval(session: Session) -> Outcome:
     else:
         model, what = session.load_weights(Path(checkpoint)), str(checkpoint)
     model = model.to(acc.device).eval().requires_grad_(False)
-    top1, top5 = session.evaluate(model, acc.prepare_data_loader(session.val_loader()))
-    row = {**session.cost(model), "top1": top1, "top5": top5}
+    metrics = session.metrics(model, acc.prepare_data_loader(session.val_loader()))
+    row = {**session.cost(model), **metrics}
     if session.main:
         table = write_report(session.run_dir, row, [])
         seconds = time.perf_counter() - started

@@ -6,12 +6,13 @@ from __future__ import annotations
 import difflib
 import hashlib
 from collections.abc import Callable
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
+from accelerate.utils import send_to_device
 from torch import nn
 from torch.utils.data import DataLoader
 
@@ -20,9 +21,7 @@ from aip.compiled import compiled
 from aip.config import ConfigError, LossConfig
 from aip.distill.discriminator import Discriminator
 from aip.distill.features import FeatureTaps
-from aip.distill.step import DistillStep
 from aip.guards import NonFiniteError
-from aip.models import default_taps
 from aip.prune.pruner import ChannelPruner
 from aip.seeding import derive_seed, seeded
 from aip.session import Session
@@ -72,13 +71,19 @@ def calibration(session: Session, stage: int, batches: int | None = None) -> Cal
 
     def calibrate(model: nn.Module) -> None:
         gen = torch.Generator().manual_seed(cfg.seed * 7 + stage)
-        loader = DataLoader(session.data.train, batch_size=cfg.data.batch_size, shuffle=True, generator=gen)
+        loader = DataLoader(
+            session.data.train,
+            batch_size=cfg.data.batch_size,
+            shuffle=True,
+            generator=gen,
+            collate_fn=session.task.collate,
+        )
         device = session.accelerator.device
         with seeded(derive_seed(cfg.seed, "calibration", stage)):  # augmentation: not the global stream
             for i, (x, y) in enumerate(loader):
                 if i == (batches or cfg.prune.calibration_batches):
                     break
-                loss = F.cross_entropy(model(x.to(device)), y.to(device))
+                loss = session.task.loss(model, *send_to_device((x, y), device))
                 if loss.requires_grad:
                     loss.backward()
         for p in model.parameters():
@@ -103,19 +108,22 @@ def check_taps(session: Session) -> None:
 
 
 def tap_names(session: Session, student: nn.Module) -> list[str]:
-    """Modules tapped for attention transfer; none when its weight is 0 (so any model works without it)."""
+    """Modules tapped for attention transfer (and a detector's adversarial term); none when unused (so any model
+    works without them)."""
     cfg = session.cfg
-    if cfg.loss.at.weight == 0:
+    adversarial_on_taps = session.task.name == "detection" and cfg.loss.adv.weight > 0
+    if cfg.loss.at.weight == 0 and not adversarial_on_taps:
         return []
-    return cfg.model.taps or default_taps(student, cfg.model.name)
+    return cfg.model.taps or session.task.default_taps(student, cfg)
 
 
-def discriminator(session: Session) -> nn.Module:
+def discriminator(session: Session, taps: list[str]) -> nn.Module:
     """A fresh discriminator initialised from a seed of its own, not from the global stream (whose state depends
     on whether the teacher was just trained or loaded), so that a restarted run builds the same one."""
     cfg = session.cfg
     with seeded(derive_seed(cfg.seed, "discriminator")):
-        disc = Discriminator(session.data.num_classes, cfg.disc.hidden, cfg.disc.input)
+        width = session.task.disc_features(session.data.num_classes, taps)
+        disc = Discriminator(width, cfg.disc.hidden, cfg.disc.input)
     return disc.to(session.accelerator.device)
 
 
@@ -163,13 +171,16 @@ def recover(
         acc.load_state(str(restore / ckpt.STATE_DIR))
     every = cfg.checkpoint.every_n_steps
     with (
+        ExitStack() as stack,
         FeatureTaps(teacher, taps) as t_taps,
         FeatureTaps(student, taps) as s_taps,
         compiled(acc.unwrap_model(student_p), cfg.train.compile),  # afresh for this stage's architecture
     ):
-        step = DistillStep(
-            acc, teacher, student_p, disc_p, disc, opt_s, opt_d, sched, t_taps, s_taps, losses or cfg.loss
+        step = session.task.distill_step(
+            acc, teacher, student_p, disc_p, disc, opt_s, opt_d, sched, t_taps, s_taps, losses=losses or cfg.loss
         )
+        if hasattr(step, "__enter__"):  # a detection step hooks the heads' class logits
+            stack.enter_context(step)
         for epoch in range(start[0], stage.epochs):
             session.seed(stage.index, epoch)
             student_p.train()
@@ -195,7 +206,8 @@ def recover(
                 if state.global_step % cfg.train.log_every == 0:
                     values = {k: v.item() for k, v in terms.items()}
                     values["loss"] = loss.item()
-                    bar.set_postfix(loss=f"{values['loss']:.3f}", ce=f"{values['loss_ce']:.3f}")
+                    task_loss = values.get("loss_ce", values.get("loss_det", 0.0))
+                    bar.set_postfix(loss=f"{values['loss']:.3f}", task=f"{task_loss:.3f}")
                     session.log({f"train/{k}": v for k, v in values.items()}, state.global_step)
                     session.log({"train/lr": sched.get_last_lr()[0]}, state.global_step)
                 if every and state.global_step % every == 0:
@@ -213,10 +225,11 @@ def curve_point(session: Session, stage: Stage, epoch: int, student: nn.Module, 
         return None
     if any(p["stage"] == stage.index and p["epoch"] == epoch for p in session.state.curve):
         return None
-    top1, _ = session.evaluate(student, val)
-    session.state.curve.append({"stage": stage.index, "kind": stage.kind, "epoch": epoch, "top1": top1})
-    session.log({"curve/top1": top1}, len(session.state.curve))
-    return top1
+    key = session.task.metrics[0]
+    value = session.metrics(student, val)[key]
+    session.state.curve.append({"stage": stage.index, "kind": stage.kind, "epoch": epoch, key: value})
+    session.log({f"curve/{key}": value}, len(session.state.curve))
+    return value
 
 
 def end_stage(
@@ -230,18 +243,19 @@ def end_stage(
 ) -> None:
     """Evaluate the recovered student, add its row to the table (with `latency_ms` when `latency` measures it),
     log it and checkpoint the stage."""
-    top1, top5 = session.evaluate(student, val)
-    row = {"stage": stage.index, "kind": stage.kind, **session.cost(student), "top1": top1, "top5": top5}
+    metrics = session.metrics(student, val)
+    key = session.task.metrics[0]
+    row = {"stage": stage.index, "kind": stage.kind, **session.cost(student), **metrics}
     if latency is not None:
         row["latency_ms"] = latency(student)
     session.state.rows.append(row)
     if session.cfg.train.eval_each_epoch:
-        session.state.curve.append({"stage": stage.index, "kind": stage.kind, "epoch": stage.epochs, "top1": top1})
+        session.state.curve.append({"stage": stage.index, "kind": stage.kind, "epoch": stage.epochs, key: row[key]})
     session.state.stage = stage.index
-    session.log({"stage/top1": top1, "stage/top5": top5, "stage/params": row["params"]}, stage.index)
+    session.log({**{f"stage/{k}": v for k, v in metrics.items()}, "stage/params": row["params"]}, stage.index)
     session.log({"stage/flops": row["flops"]}, stage.index)
     session.print(
-        f"stage {stage.index} ({stage.kind}): top-1 {top1:.2f}  top-5 {top5:.2f}  "
+        f"stage {stage.index} ({stage.kind}): {session.task.describe(metrics)}  "
         f"FLOPs {row['flops'] / base['flops']:.3f}  params {row['params'] / base['params']:.3f}"
         + (f"  latency {row['latency_ms'] / base['latency']:.3f}" if latency is not None else "")
     )

@@ -6,7 +6,6 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-import torch.nn.functional as F
 from torch import nn
 
 from aip.compiled import compiled
@@ -18,7 +17,7 @@ TEACHER_FILE = "teacher.pt"
 
 
 def train_supervised(session: Session, model: nn.Module, epochs: int, tag: str) -> nn.Module:
-    """Plain cross-entropy training (mode `train`, and the teacher of `mode: aip` when none is given)."""
+    """Plain supervised training with the task's loss (mode `train`, and the teacher of `mode: aip` if none)."""
     acc, cfg = session.accelerator, session.cfg
     raw_train = session.train_loader()
     optimizer = session.optimizer(model)
@@ -34,7 +33,7 @@ def train_supervised(session: Session, model: nn.Module, epochs: int, tag: str) 
             bar = session.bar(train, f"{tag} epoch {epoch + 1}/{epochs}", leave=False)
             for batch, (x, y) in enumerate(bar):
                 with acc.accumulate(model):
-                    loss = F.cross_entropy(model(session.train_inputs(x, batch)), y)
+                    loss = session.task.loss(model, session.train_inputs(x, batch), y)
                     acc.backward(loss)
                     try:
                         check_losses({"loss_ce": loss}, acc)  # before the step: a NaN never reaches the weights
@@ -48,9 +47,9 @@ def train_supervised(session: Session, model: nn.Module, epochs: int, tag: str) 
                     bar.set_postfix(loss=f"{loss.item():.3f}")
                     session.log({f"{tag}/loss_ce": loss.item(), f"{tag}/lr": scheduler.get_last_lr()[0]}, step)
             if (epoch + 1) % cfg.train.eval_every == 0 or epoch + 1 == epochs:
-                top1, top5 = session.evaluate(model, val)
-                session.log({f"{tag}/top1": top1, f"{tag}/top5": top5}, epoch + 1)
-                session.print(f"{tag} epoch {epoch + 1}/{epochs}: top-1 {top1:.2f}  top-5 {top5:.2f}")
+                metrics = session.metrics(model, val)
+                session.log({f"{tag}/{k}": v for k, v in metrics.items()}, epoch + 1)
+                session.print(f"{tag} epoch {epoch + 1}/{epochs}: {session.task.describe(metrics)}")
     model = acc.unwrap_model(model)
     acc.free_memory()
     return model
@@ -61,8 +60,8 @@ def run_train(session: Session) -> Outcome:
     model = train_supervised(session, session.new_model(), session.cfg.train.epochs, "train")
     session.save_weights(model, session.run_dir / "model.pt")
     device = session.accelerator.device
-    top1, top5 = session.evaluate(model.to(device), session.accelerator.prepare(session.val_loader()))
-    row = {**session.cost(model), "top1": top1, "top5": top5}
+    metrics = session.metrics(model.to(device), session.accelerator.prepare(session.val_loader()))
+    row = {**session.cost(model), **metrics}
     if session.main:
         table = write_report(session.run_dir, row, [])
         session.print(f"\n{table}\n\nweights: {session.run_dir / 'model.pt'}")

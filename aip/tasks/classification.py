@@ -1,0 +1,66 @@
+"""Classification: in-memory or folder data sets, cross-entropy, top-1/top-5, logits to the discriminator."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from aip.data import build_data
+from aip.distill.step import DistillStep
+from aip.export import write_exports
+from aip.models import classifier_of, create_model, default_taps
+from aip.prune.cost import model_cost
+from aip.tasks.base import Task
+
+if TYPE_CHECKING:
+    from aip.config import Config, LossConfig
+    from aip.session import Session
+
+
+class ClassificationTask(Task):
+    """Images to class logits; what the trainer did before detection, unchanged."""
+
+    name = "classification"
+    metrics = ("top1", "top5")
+
+    def build_data(self, cfg: Config) -> Any:
+        return build_data(cfg.data)
+
+    def example(self, data: Any) -> torch.Tensor:
+        return data.train[0][0].unsqueeze(0)
+
+    def create_model(self, cfg: Config, data: Any, example: torch.Tensor) -> nn.Module:
+        m = cfg.model
+        return create_model(m.name, data.num_classes, data.input_shape[0], m.kwargs, example)
+
+    def cost(self, model: nn.Module, example: torch.Tensor) -> dict[str, int]:
+        c = model_cost(model, example)
+        return {"params": c.params, "flops": c.flops}
+
+    def prunable(self, model: nn.Module, example: torch.Tensor) -> tuple[nn.Module, torch.Tensor, list[nn.Module]]:
+        return model, example, [classifier_of(model)]
+
+    def loss(self, model: nn.Module, x: Any, y: Any) -> torch.Tensor:
+        return F.cross_entropy(model(x), y)
+
+    def evaluate(self, session: Session, model: nn.Module, loader: Any) -> dict[str, float]:
+        top1, top5 = session.evaluate(model, loader)
+        return {"top1": top1, "top5": top5}
+
+    def describe(self, values: dict[str, float]) -> str:
+        return f"top-1 {values['top1']:.2f}  top-5 {values['top5']:.2f}"
+
+    def default_taps(self, model: nn.Module, cfg: Config) -> list[str]:
+        return default_taps(model, cfg.model.name)
+
+    def disc_features(self, num_classes: int, taps: list[str]) -> int:
+        return num_classes
+
+    def distill_step(self, *args: Any, losses: LossConfig) -> DistillStep:
+        return DistillStep(*args, losses)
+
+    def export(self, session: Session, model: nn.Module, history: list, only_stale: bool) -> list[str]:
+        return write_exports(model, session.example, session.run_dir, session.cfg.export.formats, only_stale)

@@ -1,0 +1,99 @@
+"""Detection as a task of the trainer: detection data with list collation, detectors, their prunable view, the
+detector's own losses, mAP, pooled-attention features for the discriminator and the export with a loader."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from aip.prune.cost import model_cost
+from aip.tasks.base import Task
+from aip.tasks.detection.datasets import build_detection_data
+from aip.tasks.detection.distill import GRID, DetectionDistillStep
+from aip.tasks.detection.export import write_detection_exports
+from aip.tasks.detection.metrics import evaluate_detector
+from aip.tasks.detection.models import create_detector
+from aip.tasks.detection.prunable import PrunableDetector, head_layers
+from aip.tasks.detection.taps import detection_taps
+from aip.tasks.detection.transforms import collate
+
+if TYPE_CHECKING:
+    from aip.config import Config, LossConfig
+    from aip.session import Session
+
+SYNTHETIC_KEYS = ("num_classes", "train_size", "val_size")  # data.* keys the synthetic set takes as its options
+
+
+def build_data(cfg: Config) -> Any:
+    """The configured detection data set: data.options, and for synthetic data.num_classes/train_size/val_size."""
+    d = cfg.data
+    options = dict(d.options)
+    if d.name == "synthetic":
+        for key in SYNTHETIC_KEYS:
+            options.setdefault(key, getattr(d, key))
+    return build_detection_data(d.name, d.root, d.image_size, d.augment, cfg.seed, **options)
+
+
+def view_input(view: PrunableDetector, example: torch.Tensor) -> torch.Tensor:
+    """The example image as the detector's transform hands it to the backbone (resized to the configured size)."""
+    return view.batch([example[0]])
+
+
+class DetectionTask(Task):
+    """Images to boxes: torchvision-style detectors pruned through `PrunableDetector`, measured by mAP."""
+
+    name = "detection"
+    metrics = ("map", "map50")
+    collate = staticmethod(collate)
+
+    def build_data(self, cfg: Config) -> Any:
+        return build_data(cfg)
+
+    def example(self, data: Any) -> torch.Tensor:
+        return data.train[0][0].as_subclass(torch.Tensor).unsqueeze(0)
+
+    def create_model(self, cfg: Config, data: Any, example: torch.Tensor) -> nn.Module:
+        m = cfg.model
+        return create_detector(m.name, data.num_classes, cfg.data.image_size, **m.kwargs)
+
+    def cost(self, model: nn.Module, example: torch.Tensor) -> dict[str, int]:
+        view = PrunableDetector(model)
+        c = model_cost(view, view_input(view, example))
+        return {"params": c.params, "flops": c.flops}
+
+    def prunable(self, model: nn.Module, example: torch.Tensor) -> tuple[nn.Module, torch.Tensor, list[nn.Module]]:
+        view = PrunableDetector(model)
+        return view, view_input(view, example), head_layers(model)
+
+    def loss(self, model: nn.Module, x: Any, y: Any) -> torch.Tensor:
+        detector = model.detector if isinstance(model, PrunableDetector) else model
+        losses = detector(list(x), list(y))
+        return sum(losses.values(), torch.zeros((), device=x[0].device))
+
+    def evaluate(self, session: Session, model: nn.Module, loader: Any) -> dict[str, float]:
+        acc = session.accelerator
+
+        def gather(records: list) -> list:
+            return acc.gather_for_metrics(records, use_gather_object=True)
+
+        return evaluate_detector(model, loader, acc.device, gather=gather)
+
+    def describe(self, values: dict[str, float]) -> str:
+        return f"mAP {values['map']:.2f}  mAP@.5 {values['map50']:.2f}"
+
+    def default_taps(self, model: nn.Module, cfg: Config) -> list[str]:
+        return detection_taps(model, cfg.data.image_size)
+
+    def disc_features(self, num_classes: int, taps: list[str]) -> int:
+        return max(1, len(taps)) * GRID * GRID
+
+    def distill_step(self, *args: Any, losses: LossConfig) -> DetectionDistillStep:
+        return DetectionDistillStep(*args, losses)
+
+    def set_epoch(self, data: Any, value: int) -> None:
+        data.train.set_epoch(value)
+
+    def export(self, session: Session, model: nn.Module, history: list, only_stale: bool) -> list[str]:
+        return write_detection_exports(session, model, history, only_stale)
