@@ -21,9 +21,9 @@ from aip.prune.importance import (
     create_importance,
     criterion_for_interval,
     needs_features,
-    redundancy_scores,
 )
 from aip.prune.pruner import ChannelPruner, PruningError
+from aip.prune.similarity import redundancy_scores
 from aip.train import main
 from tests.test_prune import Residual
 from tests.test_run import _config, _report

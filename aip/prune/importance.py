@@ -23,6 +23,7 @@ from torch import nn
 
 from aip.config import PruneConfig
 from aip.prune.magnitude import MagnitudeImportance
+from aip.prune.similarity import SimilarityImportance
 from aip.registry import Registry
 
 IMPORTANCES = Registry("criterion")
@@ -206,95 +207,6 @@ class TaylorImportance(tp.importance.Importance):
 def taylor_importance(cfg: PruneConfig) -> tp.importance.Importance:
     """Per-batch (sum of w * dL/dw over a channel's parameters)^2, averaged (Molchanov et al. 2019)."""
     return TaylorImportance()
-
-
-def redundancy_scores(vectors: torch.Tensor, strength: torch.Tensor | None = None) -> torch.Tensor:
-    """Scores (low = goes first) that remove one channel of each redundant pair before any distinct channel.
-
-    `vectors` (channels, features) are compared by cosine distance. Greedily, the closest pair among the remaining
-    channels gives up the member with the smaller `strength` (L2 norm by default), which leaves the others. So a
-    duplicate goes first while its twin, no longer having a near neighbour, stays. Nearest neighbours are kept per
-    channel and refreshed only when one goes, which keeps this near O(C^2).
-
-    The score is the channel's place in that order over the width, (k + 1) / C: only the order within the layer
-    carries meaning, so globally ranked groups lose similar fractions. Scoring by the merge distance instead (even
-    divided by its mean) let narrow early layers fall to 2 of 16 channels: on the published CIFAR ResNet-20, a
-    second interval from 0.707 to 0.5 of the FLOPs left 28.9% top-1 after BatchNorm recalibration (at commit
-    70a6b88), against 44.1% for L1 and 44.3% for these ranks (`python benchmarks/criterion_probe.py`, 2-core CPU).
-    """
-    v = vectors.detach().float()
-    c = v.shape[0]
-    if c == 1:
-        return torch.ones(1)
-    strength = v.norm(dim=1) if strength is None else strength.float()
-    unit = v / v.norm(dim=1, keepdim=True).clamp_min(1e-12)
-    dist = (1.0 - unit @ unit.T).clamp_min(0.0)
-    dist.fill_diagonal_(float("inf"))
-    alive = torch.ones(c, dtype=torch.bool)
-    nn_dist, nn_idx = dist.min(dim=1)
-    scores = torch.full((c,), float(c))  # the last survivor
-    for k in range(c - 1):
-        i = int(torch.where(alive, nn_dist, torch.inf).argmin())
-        j = int(nn_idx[i])
-        drop = i if strength[i] <= strength[j] else j
-        scores[drop] = float(k + 1)
-        alive[drop] = False
-        dist[:, drop] = float("inf")
-        stale = (alive & (nn_idx == drop)).nonzero().flatten()
-        if len(stale):
-            nn_dist[stale], nn_idx[stale] = dist[stale].min(dim=1)
-    return scores / c
-
-
-class SimilarityImportance(tp.importance.Importance):
-    """Redundant channels first: nearly identical filters (all coupled output layers) or feature maps."""
-
-    def __init__(self, source: str = "weights", max_positions: int = 4096) -> None:
-        self.source = source
-        self.needs_features = source == "features"
-        self.max_positions = max_positions
-        self.features: dict[nn.Module, torch.Tensor] = {}
-
-    @contextlib.contextmanager
-    def recording(self, model: nn.Module) -> Iterator[None]:
-        """Record each conv/linear layer's output channels (as vectors over samples and positions) while open."""
-        self.features = {}
-        store: dict[nn.Module, list[torch.Tensor]] = {}
-
-        def keep(module: nn.Module, _inputs: object, out: torch.Tensor) -> None:
-            flat = out.detach().float().transpose(0, 1).flatten(1)  # (channels, samples * positions)
-            gen = torch.Generator().manual_seed(flat.shape[1])
-            take = torch.randperm(flat.shape[1], generator=gen)[: self.max_positions].to(flat.device)
-            store.setdefault(module, []).append(flat[:, take].cpu())
-
-        layers = [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
-        hooks = [m.register_forward_hook(keep) for m in layers]
-        try:
-            yield
-        finally:
-            for h in hooks:
-                h.remove()
-            self.features = {m: torch.cat(chunks, dim=1) for m, chunks in store.items()}
-
-    @torch.no_grad()
-    def __call__(self, group: tp.dependency.Group) -> torch.Tensor | None:
-        root = group[0].dep.target.module
-        if self.source == "features":
-            if root not in self.features:
-                return None
-            return redundancy_scores(self.features[root])
-        width = len(group[0].idxs)
-        parts = []
-        for item in group:
-            layer, idxs = item.dep.target.module, item.idxs
-            if item.dep.handler in (tp.prune_conv_out_channels, tp.prune_linear_out_channels) and len(idxs) == width:
-                w = layer.weight.transpose(0, 1) if getattr(layer, "transposed", False) else layer.weight
-                rows = torch.empty(width, w[0].numel(), device=w.device)
-                rows[torch.as_tensor(list(item.root_idxs), device=w.device)] = w[idxs].flatten(1).float()
-                parts.append(rows)
-        if not parts:
-            return None
-        return redundancy_scores(torch.cat(parts, dim=1))
 
 
 class ActivationImportance(tp.importance.Importance):
