@@ -24,9 +24,9 @@ from quality import (
     REPO,
     SETTINGS,
     SHARED,
+    cache_key_parts,
     code_version,
     fail,
-    file_sha256,
     find_data,
     merge,
     recovery_epochs,
@@ -96,10 +96,7 @@ def main() -> None:
     data = find_data(args.data)
     s = {**SETTINGS[False], "recovery_epochs": recovery_epochs(SETTINGS[False])}
     seeds, target, work = list(range(args.seeds)), float(args.target), Path(args.work)
-    key_parts = {
-        "code": {k: code[k] for k in ("aip_tree", "aip_changes_sha256")},
-        "teacher_sha256": file_sha256(weights),
-    }
+    key_parts = cache_key_parts(code, weights)
     import torch
 
     def top1(cfg: dict, label: str) -> float:

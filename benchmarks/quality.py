@@ -131,6 +131,12 @@ def file_sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+def cache_key_parts(code: dict, weights: Path) -> dict:
+    """What, besides an arm's config, names its cached run: the aip/ code (not HEAD: other commits keep the cache)
+    and the teacher file. Shared with benchmarks/ablations.py, whose baseline runs are the quality runs."""
+    return {"code": {k: code[k] for k in ("aip_tree", "aip_changes_sha256")}, "teacher_sha256": file_sha256(weights)}
+
+
 def find_data(path: str | None) -> Path:
     """The lossless CIFAR-10 tree; extracted once from ../shared/data/cifar10.tar.gz when the default is missing."""
     root = Path(path).expanduser() if path else Path.home() / ".cache" / "aip" / "cifar10"
@@ -306,8 +312,7 @@ def main() -> None:
     os.chdir(REPO)
     import torch
 
-    key_code = {k: code[k] for k in ("aip_tree", "aip_changes_sha256")}  # not HEAD: other commits keep the cache
-    key_parts = {"code": key_code, "teacher_sha256": file_sha256(weights)}
+    key_parts = cache_key_parts(code, weights)
     started = time.perf_counter()
     runs: dict = {t: {arm: [] for arm in ARMS} for t in TARGETS}
     teacher_row, missing = None, []
