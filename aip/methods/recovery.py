@@ -218,18 +218,21 @@ def recover(
     return student_p
 
 
-def curve_point(session: Session, stage: Stage, epoch: int, student: nn.Module, val: DataLoader | None) -> float | None:
-    """With `train.eval_each_epoch`: the student's top-1 after `epoch` recovery epochs of `stage` (0: just pruned),
-    once per point (a resumed stage does not add it twice), in the run state and the logs."""
+def curve_point(session: Session, stage: Stage, epoch: int, student: nn.Module, val: DataLoader | None) -> None:
+    """With `train.eval_each_epoch`: the student's main metric after `epoch` recovery epochs of `stage` (0: just
+    pruned), once per point (a resumed stage does not add it twice), in the run state and the logs."""
     if val is None or not session.cfg.train.eval_each_epoch:
-        return None
+        return
     if any(p["stage"] == stage.index and p["epoch"] == epoch for p in session.state.curve):
-        return None
+        return
     key = session.task.metrics[0]
-    value = session.metrics(student, val)[key]
+    record_curve(session, stage, epoch, key, session.metrics(student, val)[key])
+
+
+def record_curve(session: Session, stage: Stage, epoch: int, key: str, value: float) -> None:
+    """One point of the recovery curve, in the run state (so checkpoints carry it) and the logs."""
     session.state.curve.append({"stage": stage.index, "kind": stage.kind, "epoch": epoch, key: value})
     session.log({f"curve/{key}": value}, len(session.state.curve))
-    return value
 
 
 def end_stage(
@@ -250,7 +253,7 @@ def end_stage(
         row["latency_ms"] = latency(student)
     session.state.rows.append(row)
     if session.cfg.train.eval_each_epoch:
-        session.state.curve.append({"stage": stage.index, "kind": stage.kind, "epoch": stage.epochs, key: row[key]})
+        record_curve(session, stage, stage.epochs, key, row[key])
     session.state.stage = stage.index
     session.log({**{f"stage/{k}": v for k, v in metrics.items()}, "stage/params": row["params"]}, stage.index)
     session.log({"stage/flops": row["flops"]}, stage.index)
