@@ -50,7 +50,7 @@ SCHEDULERS = ("cosine", "step", "constant")
 MIXED_PRECISION = ("no", "fp16", "bf16")
 PRUNE_SCHEDULES = ("geometric", "linear")
 KD_KINDS = ("kl", "mse")
-DISC_INPUTS = ("logits", "softmax")
+DISC_INPUTS = ("logits", "softmax", "attention")
 SIMILARITY_SOURCES = ("weights", "features")
 CAPACITY_MODES = ("cap", "hierarchical")
 ACTIVATION_MODES = ("fraction", "threshold")
@@ -322,6 +322,9 @@ def validate(cfg: Config) -> None:
     _positive("disc.lr", cfg.disc.lr)
     if not cfg.disc.hidden or any(h <= 0 for h in cfg.disc.hidden):
         raise ConfigError(f"disc.hidden: a non-empty list of positive widths, got {cfg.disc.hidden}")
+    _positive("disc.steps", cfg.disc.steps)
+    if cfg.disc.steps > 1 and cfg.train.grad_accum_steps > 1:
+        raise ConfigError("disc.steps: more than one discriminator update per step needs train.grad_accum_steps: 1")
     acp = cfg.acp
     _choice("acp.final", acp.final, ACP_FINAL)
     _positive("acp.eps", acp.eps)

@@ -275,7 +275,12 @@ class DiscriminatorConfig:
     lr: float = option(1e-4, "Adam learning rate")
     beta1: float = option(0.5, "Adam beta1")
     beta2: float = option(0.999, "Adam beta2")
-    input: str = option("logits", "what it sees of the network output: logits or softmax")
+    input: str = option(
+        "logits",
+        "what it sees: logits, softmax, or attention (each tap's attention map pooled to 4x4, independent of the"
+        " pruned widths; task detection always uses attention)",
+    )
+    steps: int = option(1, "discriminator updates per student update (the update ratio)")
 
 
 @dataclass

@@ -1,6 +1,7 @@
 """Quality benchmark on real CIFAR-10: does each loss term earn its place, starting from a published teacher?
 
     python benchmarks/quality.py [--quick] [--seeds N] [--model resnet20|resnet56] [--data DIR] [--out DIR]
+                                 [--targets 0.5 0.3] [--no-run]
 
 No teacher is trained: the teacher is a fully trained CIFAR ResNet from ../shared/weights (pytorch-cifar-models,
 ResNet-20 92.60% / ResNet-56 94.37% top-1), loaded with `model.checkpoint_rename: {".downsample.": ".shortcut."}`
@@ -292,6 +293,14 @@ def main() -> None:
         action="store_true",
         help="run nothing: report the complete cached runs of this code (seeds that every arm finished) as *-partial",
     )
+    parser.add_argument(
+        "--targets",
+        nargs="+",
+        choices=TARGETS,
+        default=list(TARGETS),
+        help="run these targets only (a report without the others is *-partial); two sittings in parallel, one per"
+        " target, then --no-run, write the whole report",
+    )
     args = parser.parse_args()
     seeds = list(range(args.seeds if args.seeds is not None else (1 if args.quick else 3)))
     if not seeds:
@@ -317,6 +326,9 @@ def main() -> None:
     runs: dict = {t: {arm: [] for arm in ARMS} for t in TARGETS}
     teacher_row, missing = None, []
     for target in TARGETS:
+        if target not in args.targets:
+            missing += [f"{args.model}-{arm}-t{target}-s{seed}" for seed in seeds for arm in ARMS]
+            continue
         for seed in seeds:  # seed-major: a cut-short sitting still has paired arms for the seeds it reached
             for arm in ARMS:
                 cfg = arm_config(arm, model, weights, data, s, float(target), seed)

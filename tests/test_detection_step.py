@@ -9,9 +9,10 @@ import torch
 from accelerate import Accelerator
 
 from aip.config import LossConfig
+from aip.distill.adversarial import GRID, pooled_attention
 from aip.distill.discriminator import Discriminator
 from aip.distill.features import FeatureTaps
-from aip.tasks.detection.distill import GRID, DetectionDistillStep, pooled_attention
+from aip.tasks.detection.distill import DetectionDistillStep
 from aip.tasks.detection.models import create_detector
 from aip.tasks.detection.taps import detection_taps
 

@@ -13,10 +13,12 @@ import torch
 import yaml
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState, GradientState
+from safetensors.torch import load_file
 from torch import nn
 
 from aip import checkpoint as ckpt
 from aip.config import KDLoss, LossConfig, WeightedLoss
+from aip.distill.adversarial import GRID, pooled_attention
 from aip.distill.discriminator import Discriminator
 from aip.distill.features import FeatureTaps
 from aip.distill.step import DistillStep
@@ -121,3 +123,65 @@ def test_bf16_with_gradient_accumulation_trains_checkpoints_by_optimizer_steps_a
     with torch.no_grad():
         out = torch.export.load(run_dir / "model_pruned.pt2").module()(torch.randn(2, 3, 16, 16))
     assert out.dtype == torch.float32 and torch.isfinite(out).all()
+
+
+def test_disc_steps_updates_the_discriminator_that_many_times_per_student_step() -> None:
+    """The update ratio: `disc_steps` discriminator updates per student update, each on the same batch."""
+    calls: list[int] = []
+
+    class Counting(torch.optim.Adam):
+        def step(self, closure=None):
+            calls.append(1)
+            return super().step(closure)
+
+    x, y = _batches(1)[0]
+    finals = []
+    for steps in (1, 3):
+        calls.clear()
+        step, _, disc = _step(Accelerator(cpu=True), _losses(), disc_optimizer=Counting)
+        step.disc_steps = steps
+        step(x, y)
+        assert len(calls) == steps
+        finals.append(torch.cat([p.detach().flatten() for p in disc.parameters()]))
+    assert not torch.equal(finals[0], finals[1])
+
+
+def test_attention_input_shows_the_discriminator_pooled_maps_and_trains_the_tapped_layers() -> None:
+    """`disc.input: attention`: D sees the taps' pooled attention maps (teacher real, student fake), a width that
+    pruning never changes, and the adversarial gradient reaches the layers under the tap."""
+    torch.manual_seed(0)
+    teacher, student = _net().eval().requires_grad_(False), _net()
+    disc = Discriminator(GRID * GRID, [8], "attention")
+    seen: list[torch.Tensor] = []
+    disc.register_forward_hook(lambda _m, inp, _o: seen.append(inp[0].detach()))
+    accelerator = Accelerator(cpu=True)
+    opt_s = torch.optim.SGD(student.parameters(), lr=0.1)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt_s, lambda _: 1.0)
+    opt_d = torch.optim.Adam(disc.parameters(), lr=1e-2)
+    student_p, disc_p, opt_s, opt_d, sched = accelerator.prepare(student, disc, opt_s, opt_d, sched)
+    conv_before = student[0].weight.detach().clone()
+    with FeatureTaps(teacher, ["1"]) as t_taps, FeatureTaps(student, ["1"]) as s_taps:
+        args = (accelerator, teacher, student_p, disc_p, disc, opt_s, opt_d, sched, t_taps, s_taps)
+        step = DistillStep(*args, _losses(ce=0.0, kd=0.0, adv=1.0))
+        x, y = _batches(1)[0]
+        with torch.no_grad():
+            expected_real = pooled_attention([teacher[1](teacher[0](x))])
+            expected_fake = pooled_attention([student[1](student[0](x))])
+        _, terms = step(x, y)
+    torch.testing.assert_close(seen[0], torch.cat([expected_real, expected_fake]))
+    assert seen[0].shape == (16, GRID * GRID) and terms["loss_adv"].item() > 0
+    assert not torch.equal(student[0].weight, conv_before)
+
+
+def test_a_run_with_the_discriminator_on_attention_and_two_updates_per_step_trains(tmp_path: Path) -> None:
+    """End to end, without attention transfer: the taps are still found for the discriminator's input, whose width
+    (taps x GRID x GRID) survives the prunes, and the student learns."""
+    overrides = {"loss.at.weight": 0.0, "disc.input": "attention", "disc.steps": 2, "prune.intervals": 1}
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(tiny_run(**overrides)))
+    run_dir = tmp_path / "run"
+    assert main(["--config", str(tmp_path / "c.yaml"), "--out", str(run_dir)]) == 0
+    report = json.loads((run_dir / "report.json").read_text())
+    assert report["stages"][-1]["top1"] > 35.0  # 4 classes: chance is 25%
+    disc_weights = load_file(ckpt.list_checkpoints(run_dir)[-1] / ckpt.STATE_DIR / "model_1.safetensors")
+    first = disc_weights["net.0.weight"]
+    assert first.shape[1] == 3 * GRID * GRID  # ResNet-8's three stages

@@ -10,13 +10,14 @@ class Discriminator(nn.Module):
     """MLP `in_features -> hidden... -> 1` with LeakyReLU(0.2) between layers; returns one logit per sample, (N,).
 
     `input="softmax"` turns the network outputs into probabilities first, so D judges the shape of the
-    distribution rather than the logits' scale.
+    distribution rather than the logits' scale; `"logits"` and `"attention"` (pooled attention maps, see
+    `aip.distill.adversarial.pooled_attention`) are taken as they come.
     """
 
     def __init__(self, in_features: int, hidden: list[int] | None = None, input: str = "logits") -> None:
         super().__init__()
-        if input not in ("logits", "softmax"):
-            raise ValueError(f"unknown discriminator input {input!r}; known: logits, softmax")
+        if input not in ("logits", "softmax", "attention"):
+            raise ValueError(f"unknown discriminator input {input!r}; known: logits, softmax, attention")
         self.input = input
         widths = [in_features, *(hidden if hidden is not None else [128, 256, 128])]
         layers: list[nn.Module] = []

@@ -11,19 +11,20 @@ import torch.nn.functional as F
 from accelerate import Accelerator
 from torch import nn
 
-from aip.accel import step_before_update
 from aip.config import LossConfig
+from aip.distill.adversarial import pooled_attention, update_discriminator
 from aip.distill.attention import attention_loss
 from aip.distill.features import FeatureTaps
-from aip.distill.losses import adversarial_loss, discriminator_loss, kd_loss
+from aip.distill.losses import adversarial_loss, kd_loss
 from aip.guards import check_losses
 
 
 @dataclass
 class DistillStep:
-    """One AIP training step on a batch: the discriminator learns teacher (real) from student (fake) outputs, then
-    the student learns from CE, KD, attention transfer and the adversarial loss through the bare discriminator
-    (its weights fixed), so DDP never reduces the discriminator's gradients in the student's backward.
+    """One AIP training step on a batch: the discriminator learns teacher (real) from student (fake) outputs
+    (`disc_steps` updates; on the logits, or on the taps' pooled attention maps when the discriminator's input is
+    "attention"), then the student learns from CE, KD, attention transfer and the adversarial loss through the bare
+    discriminator (its weights fixed), so DDP never reduces the discriminator's gradients in the student's backward.
 
     Raises NonFiniteError, before the student's optimizer steps, when a loss term is NaN or infinite."""
 
@@ -38,6 +39,7 @@ class DistillStep:
     t_taps: FeatureTaps
     s_taps: FeatureTaps
     losses: LossConfig
+    disc_steps: int = 1
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         acc, w = self.accelerator, self.losses
@@ -49,19 +51,21 @@ class DistillStep:
             s_logits = self.student(x)
             s_feats = list(self.s_taps.outputs)
             terms: dict[str, torch.Tensor] = {}
+            on_attention = self.disc_raw.input == "attention"
             if use_adv:
-                d_out = self.disc(torch.cat([t_logits.detach(), s_logits.detach()]).float())
-                terms["loss_d"] = discriminator_loss(d_out[: len(x)], d_out[len(x) :])
-                acc.backward(terms["loss_d"])
-                step_before_update(self.opt_d)  # the student's step updates the shared fp16 scale, once
-                self.opt_d.zero_grad(set_to_none=True)
+                real, fake = (
+                    (pooled_attention(t_feats), pooled_attention(s_feats))
+                    if on_attention
+                    else (t_logits.float(), s_logits.float())
+                )
+                terms["loss_d"] = update_discriminator(acc, self.disc, self.opt_d, real, fake, self.disc_steps)
             terms["loss_ce"] = F.cross_entropy(s_logits.float(), y)
             terms["loss_kd"] = kd_loss(s_logits.float(), t_logits.float(), w.kd.temperature, w.kd.kind)
             terms["loss_at"] = attention_loss(s_feats, t_feats) if w.at.weight > 0 else x.new_zeros(())
             loss = w.ce.weight * terms["loss_ce"] + w.kd.weight * terms["loss_kd"] + w.at.weight * terms["loss_at"]
             if use_adv:
                 self.disc_raw.requires_grad_(False)
-                terms["loss_adv"] = adversarial_loss(self.disc_raw(s_logits.float()))
+                terms["loss_adv"] = adversarial_loss(self.disc_raw(fake))
                 self.disc_raw.requires_grad_(True)
                 loss = loss + w.adv.weight * terms["loss_adv"]
             acc.backward(loss)

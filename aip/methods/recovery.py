@@ -111,7 +111,8 @@ def tap_names(session: Session, student: nn.Module) -> list[str]:
     """Modules tapped for attention transfer (and a detector's adversarial term); none when unused (so any model
     works without them)."""
     cfg = session.cfg
-    adversarial_on_taps = session.task.name == "detection" and cfg.loss.adv.weight > 0
+    on_attention = session.task.name == "detection" or cfg.disc.input == "attention"
+    adversarial_on_taps = on_attention and cfg.loss.adv.weight > 0
     if cfg.loss.at.weight == 0 and not adversarial_on_taps:
         return []
     return cfg.model.taps or session.task.default_taps(student, cfg)
@@ -122,7 +123,7 @@ def discriminator(session: Session, taps: list[str]) -> nn.Module:
     on whether the teacher was just trained or loaded), so that a restarted run builds the same one."""
     cfg = session.cfg
     with seeded(derive_seed(cfg.seed, "discriminator")):
-        width = session.task.disc_features(session.data.num_classes, taps)
+        width = session.task.disc_features(session.data.num_classes, taps, cfg.disc.input)
         disc = Discriminator(width, cfg.disc.hidden, cfg.disc.input)
     return disc.to(session.accelerator.device)
 
@@ -177,7 +178,18 @@ def recover(
         compiled(acc.unwrap_model(student_p), cfg.train.compile),  # afresh for this stage's architecture
     ):
         step = session.task.distill_step(
-            acc, teacher, student_p, disc_p, disc, opt_s, opt_d, sched, t_taps, s_taps, losses=losses or cfg.loss
+            acc,
+            teacher,
+            student_p,
+            disc_p,
+            disc,
+            opt_s,
+            opt_d,
+            sched,
+            t_taps,
+            s_taps,
+            losses=losses or cfg.loss,
+            disc_steps=cfg.disc.steps,
         )
         if hasattr(step, "__enter__"):  # a detection step hooks the heads' class logits
             stack.enter_context(step)

@@ -55,11 +55,11 @@ class Task:
         """Attention-transfer taps when model.taps is null."""
         raise NotImplementedError
 
-    def disc_features(self, num_classes: int, taps: list[str]) -> int:
-        """The discriminator's input width."""
+    def disc_features(self, num_classes: int, taps: list[str], disc_input: str) -> int:
+        """The discriminator's input width for `disc.input` (logits, softmax or attention)."""
         raise NotImplementedError
 
-    def distill_step(self, *args: Any, losses: LossConfig) -> Any:
+    def distill_step(self, *args: Any, losses: LossConfig, disc_steps: int = 1) -> Any:
         """One AIP training step (DistillStep's arguments): called with (inputs, labels or targets)."""
         raise NotImplementedError
 

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from aip.data import build_data
+from aip.distill.adversarial import GRID
 from aip.distill.step import DistillStep
 from aip.export import write_exports
 from aip.models import classifier_of, create_model, default_taps
@@ -56,11 +57,11 @@ class ClassificationTask(Task):
     def default_taps(self, model: nn.Module, cfg: Config) -> list[str]:
         return default_taps(model, cfg.model.name)
 
-    def disc_features(self, num_classes: int, taps: list[str]) -> int:
-        return num_classes
+    def disc_features(self, num_classes: int, taps: list[str], disc_input: str) -> int:
+        return len(taps) * GRID * GRID if disc_input == "attention" else num_classes
 
-    def distill_step(self, *args: Any, losses: LossConfig) -> DistillStep:
-        return DistillStep(*args, losses)
+    def distill_step(self, *args: Any, losses: LossConfig, disc_steps: int = 1) -> DistillStep:
+        return DistillStep(*args, losses, disc_steps)
 
     def export(self, session: Session, model: nn.Module, history: list, only_stale: bool) -> list[str]:
         return write_exports(model, session.example, session.run_dir, session.cfg.export.formats, only_stale)

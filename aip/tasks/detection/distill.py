@@ -12,29 +12,17 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from accelerate import Accelerator
 from torch import nn
 from torchvision.models.detection import RetinaNet
 from torchvision.models.detection.ssd import SSD
 
-from aip.accel import step_before_update
 from aip.config import LossConfig
+from aip.distill.adversarial import pooled_attention, update_discriminator
 from aip.distill.attention import attention_loss
 from aip.distill.features import FeatureTaps
-from aip.distill.losses import adversarial_loss, discriminator_loss, kd_loss
+from aip.distill.losses import adversarial_loss, kd_loss
 from aip.guards import check_losses
-
-GRID = 4  # each level's attention map is pooled to GRID x GRID for the discriminator
-
-
-def pooled_attention(features: list[torch.Tensor], grid: int = GRID) -> torch.Tensor:
-    """(N, levels * grid * grid): each level's attention map pooled to grid x grid, L2-normalised per level."""
-    maps = []
-    for f in features:
-        amap = F.adaptive_avg_pool2d(f.float().pow(2).mean(1, keepdim=True), grid)
-        maps.append(F.normalize(amap.flatten(1), dim=1))
-    return torch.cat(maps, dim=1)
 
 
 def has_dense_head(detector: nn.Module) -> bool:
@@ -76,6 +64,7 @@ class DetectionDistillStep:
     t_taps: FeatureTaps
     s_taps: FeatureTaps
     losses: LossConfig
+    disc_steps: int = 1
     _head: dict[str, torch.Tensor] = field(default_factory=dict)
     _hook: Any = None
 
@@ -108,11 +97,7 @@ class DetectionDistillStep:
             terms: dict[str, torch.Tensor] = {}
             if use_adv:
                 real, fake = pooled_attention(t_feats), pooled_attention(s_feats)
-                d_out = self.disc(torch.cat([real, fake.detach()]))
-                terms["loss_d"] = discriminator_loss(d_out[: len(images)], d_out[len(images) :])
-                acc.backward(terms["loss_d"])
-                step_before_update(self.opt_d)
-                self.opt_d.zero_grad(set_to_none=True)
+                terms["loss_d"] = update_discriminator(acc, self.disc, self.opt_d, real, fake, self.disc_steps)
             terms["loss_det"] = sum(det_losses.values(), zero)
             terms.update({f"loss_det_{k}": v.detach() for k, v in det_losses.items()})
             kd = w.kd.weight > 0 and s_logits is not None and t_logits is not None

@@ -8,10 +8,11 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from aip.distill.adversarial import GRID
 from aip.prune.cost import model_cost
 from aip.tasks.base import Task
 from aip.tasks.detection.datasets import build_detection_data
-from aip.tasks.detection.distill import GRID, DetectionDistillStep
+from aip.tasks.detection.distill import DetectionDistillStep
 from aip.tasks.detection.export import write_detection_exports
 from aip.tasks.detection.metrics import evaluate_detector
 from aip.tasks.detection.models import create_detector
@@ -86,11 +87,11 @@ class DetectionTask(Task):
     def default_taps(self, model: nn.Module, cfg: Config) -> list[str]:
         return detection_taps(model, cfg.data.image_size)
 
-    def disc_features(self, num_classes: int, taps: list[str]) -> int:
+    def disc_features(self, num_classes: int, taps: list[str], disc_input: str) -> int:
         return max(1, len(taps)) * GRID * GRID
 
-    def distill_step(self, *args: Any, losses: LossConfig) -> DetectionDistillStep:
-        return DetectionDistillStep(*args, losses)
+    def distill_step(self, *args: Any, losses: LossConfig, disc_steps: int = 1) -> DetectionDistillStep:
+        return DetectionDistillStep(*args, losses, disc_steps)
 
     def set_epoch(self, data: Any, value: int) -> None:
         data.train.set_epoch(value)
