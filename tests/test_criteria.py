@@ -314,3 +314,25 @@ def test_taylor_sums_every_parameter_a_channel_takes_with_it_per_batch() -> None
     scores = _scores_of(importance, model, model.b)
     assert torch.allclose(scores, expected, rtol=1e-4, atol=1e-6)
     assert len(calls) == 1  # all statistics gathered from the processes in one call
+
+
+@pytest.mark.parametrize("name", ["torchvision:resnet18", "torchvision:regnet_x_400mf"])
+@pytest.mark.parametrize("p", [1, 2])
+def test_magnitude_scores_equal_torch_prunings_group_magnitude(name: str, p: int) -> None:
+    """`l1`/`l2` are Torch-Pruning's GroupMagnitudeImportance(normalizer="mean", no bias), value for value, on every
+    group of a residual network and of one with grouped convolutions (whose in-channel scores repeat per group)."""
+    from aip.models import classifier_of, create_model
+    from aip.prune.magnitude import MagnitudeImportance
+
+    torch.manual_seed(0)
+    model = create_model(name, 10).eval()
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.weight.data.uniform_(0.1, 2.0)  # not all ones: BatchNorm's scale takes part in the score
+    graph = tp.DependencyGraph().build_dependency(model, torch.randn(1, 3, 32, 32))
+    ours = MagnitudeImportance(p)
+    theirs = tp.importance.GroupMagnitudeImportance(p=p, group_reduction="mean", normalizer="mean", bias=False)
+    groups = list(graph.get_all_groups(ignored_layers=[classifier_of(model)]))
+    assert len(groups) > 10
+    for group in groups:
+        torch.testing.assert_close(ours(group), theirs(group), rtol=1e-5, atol=1e-7)

@@ -15,6 +15,15 @@ def _power(w: torch.Tensor, p: int) -> torch.Tensor:
     return w if p == 1 else w.pow(p)
 
 
+def _summed(w: torch.Tensor, p: int, keep: int) -> torch.Tensor:
+    """Per index of dimension `keep`, the sum of |w|^p over the other dimensions; for p = 1 one reduction, with
+    no transposed copy and no |w| tensor (the layer's weight is read once)."""
+    dims = [d for d in range(w.dim()) if d != keep]
+    if p == 1:
+        return torch.linalg.vector_norm(w, 1, dim=dims)
+    return _power(w, p).sum(dims)
+
+
 class MagnitudeImportance(tp.importance.GroupMagnitudeImportance):
     """The mean over a group's conv, linear, BatchNorm and LayerNorm layers of each channel's summed |w|^p,
     normalised to mean 1: `GroupMagnitudeImportance(p, normalizer="mean")`, value for value, with no bias term."""
@@ -31,11 +40,9 @@ class MagnitudeImportance(tp.importance.GroupMagnitudeImportance):
                 continue
             transposed = getattr(layer, "transposed", False)
             if fn in _OUT:
-                w = layer.weight.data.transpose(1, 0) if transposed else layer.weight.data
-                local = _power(w[idxs].flatten(1), self.p).sum(1)
+                local = _summed(layer.weight.data, self.p, 1 if transposed else 0)[idxs]
             elif fn in _IN:
-                w = layer.weight.data.flatten(1) if transposed else layer.weight.data.transpose(0, 1).flatten(1)
-                local = _power(w, self.p).sum(1)
+                local = _summed(layer.weight.data, self.p, 0 if transposed else 1)
                 if fn == tp.prune_conv_in_channels and layer.groups not in (1, layer.in_channels):
                     local = local.repeat(layer.groups)
                 local = local[idxs]
