@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -107,6 +108,21 @@ def test_fitness_is_held_out_map50_high_unpruned_low_heavily_cut(finished: Path)
     measured = evaluate_detector(teacher, holdout, "cpu")
     assert unpruned > measured["map"] + 20 and abs(unpruned - measured["map50"]) < 10  # mAP@.5, not mAP@[.5:.95]
     assert unpruned > cut + 40
+
+
+def test_restart_from_the_saved_teacher_scores_the_candidates_as_the_unbroken_run(
+    finished: Path, tmp_path: Path
+) -> None:
+    """The unbroken run searched after training its teacher (the training set's augmentation at a later epoch), the
+    restart after loading it: the candidates must still train on the same images and score the same."""
+    run_dir = tmp_path / "restart"
+    run_dir.mkdir()
+    for name in ("config.yaml", "teacher.pt"):
+        shutil.copy2(finished / name, run_dir / name)
+    assert main(["--resume", str(run_dir)]) == 0
+    for name, key in (("acp_swarm.json", "history"), ("report.json", "stages")):
+        restarted, unbroken = (json.loads((d / name).read_text())[key] for d in (run_dir, finished))
+        assert restarted == unbroken
 
 
 def test_a_held_out_part_that_leaves_less_than_a_batch_is_a_one_line_error(
