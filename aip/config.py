@@ -360,8 +360,6 @@ def _validate_task(cfg: Config) -> None:
         if cfg.data.options:
             raise ConfigError("data.options: only task detection takes a data set's own options; set it to {}")
         return
-    if cfg.mode == "acp":
-        raise ConfigError("mode: acp is not supported yet with task detection; use mode aip")
     if cfg.prune.target_latency_ratio is not None:
         raise ConfigError("prune.target_latency_ratio: not supported yet with task detection; use a FLOPs target")
     if cfg.prune.capacity.enabled:

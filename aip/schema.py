@@ -228,9 +228,9 @@ class AcpConfig:
     calibration_images: int = option(200, "images whose channel responses are clustered")
     swarm: SwarmConfig = option(SwarmConfig, "the particle swarm over per-group widths")
     recovery_steps: int = option(200, "training steps of each candidate before its fitness is measured")
-    holdout_size: int = option(1000, "training images held out to measure fitness (top-1) on")
+    holdout_size: int = option(1000, "training images held out to measure fitness on (top-1; mAP@.5 for detection)")
     distill: bool = option(True, "distil the candidates' recovery steps from the teacher")
-    final: str = option("aip", "recovery of the best structure: aip (the AIP losses) or finetune (cross-entropy)")
+    final: str = option("aip", "recovery of the best structure: aip (the AIP losses) or finetune (the task loss alone)")
     timeout_minutes: float = option(
         120.0, "process-group timeout: each process waits at every swarm iteration for the slowest one's share"
     )

@@ -17,13 +17,13 @@ def _check(data: dict) -> None:
 
 def test_detection_config_is_accepted_and_classification_stays_the_default() -> None:
     _check(DETECTION)
+    _check({**DETECTION, "mode": "acp"})
     assert config_from_dict({}).task == "classification"
 
 
 @pytest.mark.parametrize(
     ("data", "message"),
     [
-        ({**DETECTION, "mode": "acp"}, "mode: acp is not supported yet with task detection"),
         ({**DETECTION, "prune": {"capacity": {"enabled": True}}}, "prune.capacity.enabled: not supported yet"),
         ({**DETECTION, "model": {"name": "cifar_resnet20"}}, "model.name: 'cifar_resnet20' is a classifier"),
         ({**DETECTION, "data": {"name": "cifar10"}}, "data.name: 'cifar10' is not a detection data set"),

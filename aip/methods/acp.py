@@ -13,6 +13,7 @@ from torch import nn
 
 from aip import checkpoint as ckpt
 from aip.config import KDLoss, LossConfig, WeightedLoss
+from aip.errors import ConfigError
 from aip.methods.aip import target_ratio
 from aip.methods.recovery import (
     Stage,
@@ -25,7 +26,6 @@ from aip.methods.recovery import (
     tap_names,
 )
 from aip.methods.train import load_teacher
-from aip.models import classifier_of
 from aip.prune.pruner import ChannelPruner
 from aip.search.fitness import cut_to_widths, split_search_data
 from aip.search.widths import search_widths
@@ -36,12 +36,17 @@ def acp_prune(session: Session, teacher: nn.Module, pruner: ChannelPruner, base:
     """Search the widths (every process scores its share of the candidates), cut the student to them, log it."""
     acc, cfg = session.accelerator, session.cfg
     started = time.perf_counter()
-    data = split_search_data(session.data, cfg.acp.holdout_size, cfg.seed)
+    data = split_search_data(session.data, cfg.acp.holdout_size, cfg.seed, session.task)
+    if len(data.train) < cfg.data.batch_size:  # the candidates' recovery would draw no batch
+        raise ConfigError(
+            f"acp.holdout_size: {cfg.acp.holdout_size} leaves {len(data.train)} training images, fewer than "
+            f"data.batch_size={cfg.data.batch_size}; hold out fewer images"
+        )
     widths, evaluations = search_widths(session, teacher, pruner, base[metric] * target_ratio(cfg), metric, data)
     box = [widths]
     if acc.num_processes > 1:  # every process ran the same swarm on the same scores; rank 0's result decides
         broadcast_object_list(box)
-    cut_to_widths(pruner, box[0], cfg.prune, data.calibration, cfg.data.batch_size, acc.device)
+    cut_to_widths(pruner, box[0], cfg.prune, data.calibration, cfg.data.batch_size, acc.device, session.task)
     counts = acc.gather(torch.tensor([evaluations], device=acc.device)).tolist()
     session.state.pruning_log.append(
         {
@@ -67,14 +72,10 @@ def run_acp(session: Session, resume: Path | None = None) -> Outcome:
     check_taps(session)
     teacher = load_teacher(session, resume.parent.parent if resume is not None else None)
     student = copy.deepcopy(teacher).requires_grad_(True).train()
-    disc = discriminator(session, [])
-    pruner = ChannelPruner(
-        student,
-        session.example.to(acc.device),
-        [classifier_of(student)],
-        cfg.prune.max_layer_ratio,
-        cfg.prune.round_to or 1,
-    )
+    taps = tap_names(session, student)
+    disc = discriminator(session, taps)
+    prunable, example, ignored = session.task.prunable(student, session.example.to(acc.device))
+    pruner = ChannelPruner(prunable, example, ignored, cfg.prune.max_layer_ratio, cfg.prune.round_to or 1)
     base = session.cost(student)
     metric = "flops" if cfg.prune.target_flops_ratio is not None else "params"
     val = acc.prepare_data_loader(session.val_loader())
@@ -88,8 +89,7 @@ def run_acp(session: Session, resume: Path | None = None) -> Outcome:
         session.print(f"resumed from {resume} after stage {session.state.stage}")
     ended = resume if resume is not None and partial is None and session.state.stage >= stage.index else None
     if not session.state.teacher:
-        top1, top5 = session.evaluate(teacher, val)
-        session.state.teacher = {**base, "top1": top1, "top5": top5}
+        session.state.teacher = {**base, **session.metrics(teacher, val)}
     if resume is not None and partial is None:
         restore_stage(session, resume, student, disc, stage.epochs)
     if session.state.stage < stage.index:
@@ -98,9 +98,8 @@ def run_acp(session: Session, resume: Path | None = None) -> Outcome:
         plain = LossConfig(WeightedLoss(1.0), KDLoss(weight=0.0), WeightedLoss(0.0), WeightedLoss(0.0))
         losses = plain if cfg.acp.final == "finetune" else None
         restore, start = (resume, (partial["epoch"], partial["batch"])) if partial else (None, (0, 0))
-        taps = tap_names(session, student)
         prepared = recover(
             session, stage, student, teacher, disc, taps, pruner, restore=restore, start=start, losses=losses, val=val
         )
         end_stage(session, stage, prepared, val, base, pruner)
-    return session.finish(student, finished=ended)
+    return session.finish(student, finished=ended, history=pruner.history())

@@ -1,9 +1,10 @@
 """ACP's measurements: the channel responses the clustering reads, and a candidate structure's fitness.
 
-Both look at training images through the validation transform (`DataBundle.train_eval`): a measurement on randomly
+Both look at training images through the validation transform (`Task.search_sets`): a measurement on randomly
 cropped and flipped images would change with the random state. Only the candidates' short recovery trains on
-augmented images. The candidates of a swarm iteration are shared out over the processes and their scores gathered
-(`spread`), so every process works on the search and none waits idle for hours in a collective.
+augmented images. What differs between tasks (batches, inputs, loss, score) goes through the run's `Task`;
+classification is the default. The candidates of a swarm iteration are shared out over the processes and their
+scores gathered (`spread`), so every process works on the search and none waits idle for hours in a collective.
 """
 
 from __future__ import annotations
@@ -15,18 +16,19 @@ from itertools import islice
 from typing import Any
 
 import torch
-import torch.nn.functional as F
+from accelerate.utils import send_to_device
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from aip.config import Config, PruneConfig
-from aip.data import DataBundle
-from aip.distill.losses import kd_loss
 from aip.hooks import inspecting
-from aip.models import classifier_of
 from aip.prune.importance import create_importance, needs_features
 from aip.prune.pruner import ChannelPruner
 from aip.seeding import derive_seed, seeded
+from aip.tasks.base import Task
+from aip.tasks.classification import ClassificationTask
+
+CLASSIFICATION = ClassificationTask()
 
 
 @dataclass
@@ -38,19 +40,26 @@ class SearchData:
     calibration: Dataset  # images outside the held-out part, validation transform: responses and feature maps
 
 
-def split_search_data(data: DataBundle, holdout_size: int, seed: int) -> SearchData:
+def split_search_data(data: Any, holdout_size: int, seed: int, task: Task = CLASSIFICATION) -> SearchData:
     """A fixed random held-out part of `holdout_size` training images (by `seed`), and the rest."""
-    view = data.train_eval if data.train_eval is not None else data.train
-    order = torch.randperm(len(data.train), generator=torch.Generator().manual_seed(seed))  # type: ignore[arg-type]
+    train, view = task.search_sets(data)
+    order = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))  # type: ignore[arg-type]
     held, rest = order[:holdout_size].tolist(), order[holdout_size:].tolist()
-    return SearchData(Subset(data.train, rest), Subset(view, held), Subset(view, rest))
+    return SearchData(Subset(train, rest), Subset(view, held), Subset(view, rest))
 
 
 @torch.no_grad()
 def channel_responses(
-    model: nn.Module, roots: dict[str, nn.Module], data: Dataset, count: int, batch_size: int, device: torch.device
+    model: nn.Module,
+    roots: dict[str, nn.Module],
+    data: Dataset,
+    count: int,
+    batch_size: int,
+    device: torch.device,
+    task: Task = CLASSIFICATION,
 ) -> dict[str, torch.Tensor]:
-    """Each root module's channel responses (channels, images): spatial means over the first `count` images."""
+    """Each root module's channel responses (channels, samples): spatial means over the first `count` images (a
+    module called several times per image, such as a head shared by feature levels, adds a sample per call)."""
     store: dict[str, list[torch.Tensor]] = {}
 
     def keep(name: str) -> Callable[[nn.Module, object, torch.Tensor], None]:
@@ -60,10 +69,11 @@ def channel_responses(
 
         return hook
 
-    loader = DataLoader(Subset(data, range(min(count, len(data)))), batch_size=batch_size)  # type: ignore[arg-type]
+    subset = Subset(data, range(min(count, len(data))))  # type: ignore[arg-type]
+    loader = DataLoader(subset, batch_size=batch_size, collate_fn=task.collate)
     with inspecting(model, {m: keep(name) for name, m in roots.items()}):
         for x, _ in loader:
-            model(x.to(device))
+            model(task.view_inputs(model, x, device))
     return {name: torch.cat(chunks, dim=1) for name, chunks in store.items()}
 
 
@@ -74,54 +84,55 @@ def cut_to_widths(
     calibration: Dataset,
     batch_size: int,
     device: torch.device,
+    task: Task = CLASSIFICATION,
 ) -> None:
     """Cut the pruner's model to `widths` with the similarity criterion, so that a cluster of near-identical
     channels keeps one; with `prune.similarity.source: features` their feature maps are first recorded on
     `prune.calibration_batches` batches of `calibration` (in order: the same on every process and every run)."""
     importance = create_importance("similarity", prune_cfg)
     if needs_features(importance):
-        loader = DataLoader(calibration, batch_size=batch_size)
+        loader = DataLoader(calibration, batch_size=batch_size, collate_fn=task.collate)
         with torch.no_grad(), importance.recording(pruner.model), inspecting(pruner.model):
             for x, _ in islice(loader, prune_cfg.calibration_batches):
-                pruner.model(x.to(device))
+                pruner.model(task.view_inputs(pruner.model, x, device))
     pruner.prune_to_widths(widths, importance)
 
 
-def recovered_top1(
-    cfg: Config, teacher: nn.Module, widths: dict[str, int], example: torch.Tensor, data: SearchData
+def recovered_score(
+    cfg: Config,
+    teacher: nn.Module,
+    widths: dict[str, int],
+    example: torch.Tensor,
+    data: SearchData,
+    task: Task = CLASSIFICATION,
 ) -> float:
-    """Top-1 (%) on the held-out images of the teacher cut to `widths` after `acp.recovery_steps` training steps.
+    """The held-out score (%) of the teacher cut to `widths` after `acp.recovery_steps` training steps: top-1 for
+    classification, mAP@.5 for detection (`Task.holdout_score`), trained on `Task.recovery_loss`.
 
     Seeded from the run's seed and the widths alone, so a candidate scores the same on any process, in any order,
     and leaves the global random state as it found it."""
     device = example.device
     with seeded(derive_seed(cfg.seed, "acp-candidate", tuple(widths.values()))):
         model = copy.deepcopy(teacher).requires_grad_(True).train()
-        cut_to_widths(
-            ChannelPruner(model, example, [classifier_of(model)]),
-            widths,
-            cfg.prune,
-            data.calibration,
-            cfg.data.batch_size,
-            device,
-        )
+        pruner = ChannelPruner(*task.prunable(model, example))
+        cut_to_widths(pruner, widths, cfg.prune, data.calibration, cfg.data.batch_size, device, task)
         model.train()
         optimizer = torch.optim.SGD(
             model.parameters(), lr=cfg.train.lr, momentum=cfg.train.momentum, weight_decay=cfg.train.weight_decay
         )
         gen = torch.Generator().manual_seed(cfg.seed)
-        loader = DataLoader(data.train, batch_size=cfg.data.batch_size, shuffle=True, drop_last=True, generator=gen)
+        loader = DataLoader(
+            data.train,
+            batch_size=cfg.data.batch_size,
+            shuffle=True,
+            drop_last=True,
+            generator=gen,
+            collate_fn=task.collate,
+        )
         steps = 0
         while steps < cfg.acp.recovery_steps:
             for x, y in loader:
-                x, y = x.to(device), y.to(device)
-                logits = model(x)
-                loss = F.cross_entropy(logits, y)
-                if cfg.acp.distill:
-                    with torch.no_grad():
-                        t_logits = teacher(x)
-                    kd = kd_loss(logits, t_logits, cfg.loss.kd.temperature, cfg.loss.kd.kind)
-                    loss = cfg.loss.ce.weight * loss + cfg.loss.kd.weight * kd
+                loss = task.recovery_loss(model, teacher, *send_to_device((x, y), device), cfg)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
@@ -129,12 +140,9 @@ def recovered_top1(
                 if steps == cfg.acp.recovery_steps:
                     break
         model.eval()
-        correct = total = 0
+        holdout = DataLoader(data.holdout, batch_size=cfg.data.eval_batch_size, collate_fn=task.collate)
         with torch.no_grad():
-            for x, y in DataLoader(data.holdout, batch_size=cfg.data.eval_batch_size):
-                correct += int((model(x.to(device)).argmax(1) == y.to(device)).sum())
-                total += len(y)
-    return 100.0 * correct / max(total, 1)
+            return task.holdout_score(model, holdout, device)
 
 
 def spread(

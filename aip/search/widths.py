@@ -13,7 +13,7 @@ from torch import nn
 from aip.prune.pruner import ChannelPruner
 from aip.prune.widths import WidthCost
 from aip.search.acp import ParticleSwarm, cluster_channels, scale_to_budget
-from aip.search.fitness import SearchData, channel_responses, recovered_top1, spread
+from aip.search.fitness import SearchData, channel_responses, recovered_score, spread
 from aip.session import Session
 
 SWARM_FILE = "acp_swarm.json"
@@ -37,7 +37,8 @@ def search_widths(
         return width_cost.of(dict(zip(names, widths, strict=True)), metric)
 
     count, batch = acp.calibration_images, cfg.data.eval_batch_size
-    responses = channel_responses(pruner.model, pruner.root_modules(), data.calibration, count, batch, acc.device)
+    roots, task = pruner.root_modules(), session.task
+    responses = channel_responses(pruner.model, roots, data.calibration, count, batch, acc.device, task)
     start = []
     for i, (name, lo, hi) in enumerate(zip(names, lower, upper, strict=True)):
         width, _ = cluster_channels(responses[name], acp.eps, acp.min_samples)
@@ -51,8 +52,8 @@ def search_widths(
     evaluations = [0]
 
     def score(widths: list[int]) -> float:
-        top1 = recovered_top1(cfg, teacher, dict(zip(names, widths, strict=True)), example, data)
-        return top1 / 100.0 - acp.swarm.penalty * max(0.0, cost(widths) / budget - 1.0)
+        measured = recovered_score(cfg, teacher, dict(zip(names, widths, strict=True)), example, data, task)
+        return measured / 100.0 - acp.swarm.penalty * max(0.0, cost(widths) / budget - 1.0)
 
     def evaluate_many(candidates: list[list[int]]) -> list[float]:
         scores, mine = spread(acc, score, candidates)

@@ -6,6 +6,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
+from torch.utils.data import Dataset
 
 if TYPE_CHECKING:
     from aip.config import Config, LossConfig
@@ -61,6 +62,23 @@ class Task:
 
     def distill_step(self, *args: Any, losses: LossConfig, disc_steps: int = 1) -> Any:
         """One AIP training step (DistillStep's arguments): called with (inputs, labels or targets)."""
+        raise NotImplementedError
+
+    def search_sets(self, data: Any) -> tuple[Dataset, Dataset]:
+        """ACP's view of the training set, index for index: augmented (the candidates' short recovery) and through the
+        validation transform (held-out scores, channel responses); neither may change with the run's epoch."""
+        raise NotImplementedError
+
+    def view_inputs(self, view: nn.Module, x: Any, device: torch.device) -> torch.Tensor:
+        """A batch's inputs on `device` as the prunable view (`prunable`) takes them: responses, calibration."""
+        raise NotImplementedError
+
+    def recovery_loss(self, model: nn.Module, teacher: nn.Module, x: Any, y: Any, cfg: Config) -> torch.Tensor:
+        """An ACP candidate's training loss: the task loss, with KD from the frozen teacher under `acp.distill`."""
+        raise NotImplementedError
+
+    def holdout_score(self, model: nn.Module, loader: Any, device: torch.device) -> float:
+        """ACP's fitness measure (%) of the eval-mode `model` over `loader`, on this process alone."""
         raise NotImplementedError
 
     def set_epoch(self, data: Any, value: int) -> None:

@@ -7,9 +7,11 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.data import Dataset
 
 from aip.data import build_data
 from aip.distill.adversarial import GRID
+from aip.distill.losses import kd_loss
 from aip.distill.step import DistillStep
 from aip.export import write_exports
 from aip.models import classifier_of, create_model, default_taps
@@ -62,6 +64,31 @@ class ClassificationTask(Task):
 
     def distill_step(self, *args: Any, losses: LossConfig, disc_steps: int = 1) -> DistillStep:
         return DistillStep(*args, losses, disc_steps)
+
+    def search_sets(self, data: Any) -> tuple[Dataset, Dataset]:
+        return data.train, data.train_eval if data.train_eval is not None else data.train
+
+    def view_inputs(self, view: nn.Module, x: Any, device: torch.device) -> torch.Tensor:
+        return x.to(device)
+
+    def recovery_loss(self, model: nn.Module, teacher: nn.Module, x: Any, y: Any, cfg: Config) -> torch.Tensor:
+        logits = model(x)
+        loss = F.cross_entropy(logits, y)
+        if cfg.acp.distill:
+            with torch.no_grad():
+                t_logits = teacher(x)
+            kd = kd_loss(logits, t_logits, cfg.loss.kd.temperature, cfg.loss.kd.kind)
+            loss = cfg.loss.ce.weight * loss + cfg.loss.kd.weight * kd
+        return loss
+
+    @torch.no_grad()
+    def holdout_score(self, model: nn.Module, loader: Any, device: torch.device) -> float:
+        """Top-1 (%)."""
+        correct = total = 0
+        for x, y in loader:
+            correct += int((model(x.to(device)).argmax(1) == y.to(device)).sum())
+            total += len(y)
+        return 100.0 * correct / max(total, 1)
 
     def export(self, session: Session, model: nn.Module, history: list, only_stale: bool) -> list[str]:
         return write_exports(model, session.example, session.run_dir, session.cfg.export.formats, only_stale)

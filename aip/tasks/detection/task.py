@@ -7,7 +7,9 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
+from torch.utils.data import Dataset
 
+from aip.data import eval_view
 from aip.distill.adversarial import GRID
 from aip.prune.cost import model_cost
 from aip.tasks.base import Task
@@ -17,6 +19,7 @@ from aip.tasks.detection.export import write_detection_exports
 from aip.tasks.detection.metrics import evaluate_detector
 from aip.tasks.detection.models import create_detector
 from aip.tasks.detection.prunable import PrunableDetector, head_layers
+from aip.tasks.detection.search import fixed_epoch, recovery_loss
 from aip.tasks.detection.taps import detection_taps
 from aip.tasks.detection.transforms import collate
 
@@ -92,6 +95,19 @@ class DetectionTask(Task):
 
     def distill_step(self, *args: Any, losses: LossConfig, disc_steps: int = 1) -> DetectionDistillStep:
         return DetectionDistillStep(*args, losses, disc_steps)
+
+    def search_sets(self, data: Any) -> tuple[Dataset, Dataset]:
+        return fixed_epoch(data.train), eval_view(data.train, data.val)
+
+    def view_inputs(self, view: nn.Module, x: Any, device: torch.device) -> torch.Tensor:
+        return view.batch([image.to(device) for image in x])
+
+    def recovery_loss(self, model: nn.Module, teacher: nn.Module, x: Any, y: Any, cfg: Config) -> torch.Tensor:
+        return recovery_loss(model, teacher, x, y, cfg)
+
+    def holdout_score(self, model: nn.Module, loader: Any, device: torch.device) -> float:
+        """mAP@.5 (%)."""
+        return evaluate_detector(model, loader, device)["map50"]
 
     def set_epoch(self, data: Any, value: int) -> None:
         data.train.set_epoch(value)
