@@ -68,6 +68,26 @@ def test_two_processes_prune_identically_and_match_one_process(teacher: Path, tm
     assert all(len(e["architecture_per_process"]) == 2 for e in log)
 
 
+def test_two_processes_prune_alike_under_a_latency_target(teacher: Path, tmp_path: Path) -> None:
+    """With `prune.target_latency_ratio` rank 0 measures the latencies and broadcasts them, so both processes remove
+    the same channels (their own timings would differ) and the report carries the measured latency per stage."""
+    overrides = {
+        "model.teacher_checkpoint": str(teacher),
+        "prune.target_flops_ratio": None,
+        "prune.target_latency_ratio": 0.7,
+        "prune.epochs_between": 0,
+        "prune.finetune_epochs": 0,
+    }
+    config = _config(tmp_path / "c.yaml", **overrides)
+    done = _launch_2proc("--config", str(config), "--out", str(tmp_path / "two"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    log = json.loads((tmp_path / "two" / "pruning_log.json").read_text())
+    assert log and all(len(e["architecture_per_process"]) == 2 for e in log)
+    assert all(len(set(e["architecture_per_process"])) == 1 for e in log)
+    report = _report(tmp_path / "two")
+    assert report["teacher"]["latency_ms"] > 0 and all(r["latency_ms"] > 0 for r in report["stages"])
+
+
 def test_two_processes_share_the_acp_search_and_find_what_one_process_finds(teacher: Path, tmp_path: Path) -> None:
     """Each process scores its share of every swarm iteration (none waits hours in a collective while rank 0
     searches alone); the gathered scores drive the same swarm as one process's."""

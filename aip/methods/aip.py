@@ -193,8 +193,9 @@ def run_aip(session: Session, resume: Path | None = None, branch: Path | None = 
             session.state.global_step = 0
         session.print(f"{'resumed' if resume else 'branched'} from {source} after stage {session.state.stage}")
     ended = resume if resume is not None and partial is None and session.state.stage >= stages[-1].index else None
-    if not session.state.teacher:
-        session.state.teacher = {**base, **session.metrics(teacher, val)}
+    if not session.state.teacher:  # the report's teacher row names its latency as the stage rows do
+        row = {("latency_ms" if k == "latency" else k): v for k, v in base.items()}
+        session.state.teacher = {**row, **session.metrics(teacher, val)}
     apply_capacity(session, student, pruner)
 
     if resume is not None and partial is None:
