@@ -30,7 +30,7 @@ from aip.methods.recovery import (
 from aip.methods.train import copy_teacher, load_teacher
 from aip.prune.capacity import LayerCapacity, estimate_capacity
 from aip.prune.importance import create_importance, criterion_for_interval
-from aip.prune.latency import LatencyTable, layer_times, measure_latency, relative_latency
+from aip.prune.latency import LatencyTable, LayerCurve, layer_curves, layer_times, measure_latency, relative_latency
 from aip.prune.pruner import ChannelPruner
 from aip.prune.schedule import interval_targets
 from aip.session import Outcome, RunState, Session
@@ -64,14 +64,18 @@ def latency_ms(session: Session, model: nn.Module, teacher: nn.Module, teacher_m
     return teacher_ms * on_main(session, lambda: relative_latency(student, teacher, inputs))
 
 
-def latency_table(session: Session, pruner: ChannelPruner) -> LatencyTable:
-    """The per-group price of a channel in milliseconds, from layer times measured on the student as it is now."""
+def latency_table(session: Session, pruner: ChannelPruner, curves: dict[nn.Module, LayerCurve | None]) -> LatencyTable:
+    """The per-group price of a channel in milliseconds, from layer times measured on the student as it is now
+    and each layer's latency curve, measured alone at a few widths on the first call (kept in `curves`)."""
     table, inputs = pruner.width_cost(), _batch(session)
     layers = [layer.module for layer in table.layers]
+    missing = [m for m in layers if m not in curves]
+    if missing:
+        curves.update(zip(missing, on_main(session, lambda: layer_curves(pruner.model, missing, inputs)), strict=True))
     times, total = on_main(
         session, lambda: (layer_times(pruner.model, layers, inputs), measure_latency(pruner.model, inputs))
     )
-    return LatencyTable(table, times, total)
+    return LatencyTable(table, times, total, [curves[m] for m in layers])
 
 
 def _batch(session: Session) -> torch.Tensor:
@@ -115,15 +119,16 @@ def prune_stage(
     base: dict[str, float],
     metric: str,
     teacher: nn.Module | None = None,
+    curves: dict[nn.Module, LayerCurve | None] | None = None,
 ) -> None:
     """Prune the student to the stage's target with the interval's criterion, and log what was removed (a latency
-    target measures the student against `teacher`)."""
+    target measures the student against `teacher`, pricing channels with the layers' `curves`, measured once)."""
     cfg = session.cfg
     started = time.perf_counter()
     measure, pricer = None, None
     if metric == "latency":  # measured: every step measures again, with a table refreshed on the student as it is
         measure = lambda: latency_ms(session, pruner.model, teacher, base["latency"])  # noqa: E731
-        pricer = lambda _: latency_table(session, pruner)  # noqa: E731
+        pricer = lambda _: latency_table(session, pruner, {} if curves is None else curves)  # noqa: E731
     reached = (1.0 - (measure or (lambda: pruner.cost(metric)))() / base[metric]) / (1.0 - target_ratio(cfg))
     criterion = criterion_for_interval(cfg.prune, stage.index, reached)
     importance = create_importance(criterion, cfg.prune)
@@ -180,6 +185,7 @@ def run_aip(session: Session, resume: Path | None = None, branch: Path | None = 
     if metric == "latency":  # the teacher's, measured once (again on resume)
         base["latency"] = on_main(session, lambda: measure_latency(teacher, _batch(session)))
     stages = plan_stages(cfg)
+    curves: dict[nn.Module, LayerCurve | None] = {}  # each layer's latency against its widths, measured once
     val = acc.prepare_data_loader(session.val_loader())
 
     partial = None
@@ -209,7 +215,7 @@ def run_aip(session: Session, resume: Path | None = None, branch: Path | None = 
         student = acc.unwrap_model(student)
         resuming_here = partial is not None and partial["stage"] == stage.index
         if stage.target is not None and not resuming_here:
-            prune_stage(session, stage, pruner, base, metric, teacher)
+            prune_stage(session, stage, pruner, base, metric, teacher, curves)
         prepared_student = recover(
             session,
             stage,

@@ -21,7 +21,7 @@ from aip.prune.groups import PrunableGroup, enumerate_groups
 from aip.prune.importance import needs_features, needs_gradients
 from aip.prune.rounding import WidthGrid
 from aip.prune.safety import Snapshot, check_example, mismatch, outputs, silence
-from aip.prune.selection import Candidate, Pricer, choose, group_candidates, rank
+from aip.prune.selection import Candidate, Pricer, choose, group_candidates, per_price, rank
 from aip.prune.widths import WidthCost
 
 History = list[list]
@@ -331,7 +331,8 @@ class ChannelPruner:
         `metric` is "flops" or "params" (or a measured cost: `measure()` gives it, `pricer(metric)` prices removals).
         A step scores the channels (a data-driven criterion records its calibration batches once for it) and removes
         those whose priced cost fills the remaining gap, passing over a block that would overshoot the target by more
-        than `tolerance` of it. The analytic pricing is exact, so one step suffices unless a group's removal fails
+        than `tolerance` of it; under a measured cost the channels are ranked by score per unit of price (the
+        lowest first). The analytic pricing is exact, so one step suffices unless a group's removal fails
         and is undone, or a hierarchical order takes the groups in turn; each further step re-scores the model.
         """
         was_training = self.model.training
@@ -352,6 +353,8 @@ class ChannelPruner:
                     + "); raise the cap or the target ratio"
                 )
             prices, units = (pricer or self.width_cost().pricer)(metric), {g.name: g.unit for g in groups}
+            if pricer is not None and not self.order:
+                candidates = per_price(candidates, prices, units)
             gap = current - target
             if self.order:  # the next group in line takes what it can before the next one is touched
                 first = candidates[0].name

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 
+import numpy as np
 import torch
 import torch_pruning as tp
 from torch import nn
@@ -28,25 +29,30 @@ def redundancy_scores(vectors: torch.Tensor, strength: torch.Tensor | None = Non
     v = vectors.detach().float()
     c = v.shape[0]
     if c == 1:
-        return torch.ones(1)
+        return torch.ones(1, device=vectors.device)
     strength = v.norm(dim=1) if strength is None else strength.float()
     unit = v / v.norm(dim=1, keepdim=True).clamp_min(1e-12)
-    dist = (1.0 - unit @ unit.T).clamp_min(0.0)
-    dist.fill_diagonal_(float("inf"))
-    alive = torch.ones(c, dtype=torch.bool)
-    nn_dist, nn_idx = dist.min(dim=1)
-    scores = torch.full((c,), float(c))  # the last survivor
+    dist = (1.0 - unit @ unit.T).clamp_min(0.0).cpu().numpy()
+    np.fill_diagonal(dist, np.inf)
+    power = strength.cpu().numpy()
+    # the greedy loop touches a few entries per step: numpy's per-call cost is a fraction of torch's
+    alive = np.ones(c, dtype=bool)
+    nn_idx = dist.argmin(axis=1)
+    nn_dist = dist[np.arange(c), nn_idx]
+    scores = np.full(c, float(c), dtype=np.float32)  # the last survivor
     for k in range(c - 1):
-        i = int(torch.where(alive, nn_dist, torch.inf).argmin())
+        i = int(nn_dist.argmin())  # dropped channels' entries are inf
         j = int(nn_idx[i])
-        drop = i if strength[i] <= strength[j] else j
-        scores[drop] = float(k + 1)
+        drop = i if power[i] <= power[j] else j
+        scores[drop] = k + 1
         alive[drop] = False
-        dist[:, drop] = float("inf")
-        stale = (alive & (nn_idx == drop)).nonzero().flatten()
+        nn_dist[drop] = np.inf
+        stale = np.flatnonzero(alive & (nn_idx == drop))
         if len(stale):
-            nn_dist[stale], nn_idx[stale] = dist[stale].min(dim=1)
-    return scores / c
+            rows = np.where(alive, dist[stale], np.inf)
+            nn_idx[stale] = rows.argmin(axis=1)
+            nn_dist[stale] = rows[np.arange(len(stale)), nn_idx[stale]]
+    return torch.from_numpy(scores / c).to(vectors.device)
 
 
 class SimilarityImportance(tp.importance.Importance):
@@ -65,10 +71,13 @@ class SimilarityImportance(tp.importance.Importance):
         store: dict[nn.Module, list[torch.Tensor]] = {}
 
         def keep(module: nn.Module, _inputs: object, out: torch.Tensor) -> None:
-            flat = out.detach().float().transpose(0, 1).flatten(1)  # (channels, samples * positions)
-            gen = torch.Generator().manual_seed(flat.shape[1])
-            take = torch.randperm(flat.shape[1], generator=gen)[: self.max_positions].to(flat.device)
-            store.setdefault(module, []).append(flat[:, take].cpu())
+            grid = out.detach().reshape(out.shape[0], out.shape[1], -1)  # (samples, channels, positions)
+            total = grid.shape[0] * grid.shape[2]
+            gen = torch.Generator().manual_seed(total)
+            take = torch.randperm(total, generator=gen)[: self.max_positions].to(grid.device)
+            # column n * positions + p of the (channels, samples * positions) matrix, gathered without forming it
+            picked = grid[take // grid.shape[2], :, take % grid.shape[2]]
+            store.setdefault(module, []).append(picked.T.float().cpu())
 
         layers = [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
         hooks = [m.register_forward_hook(keep) for m in layers]
@@ -77,7 +86,7 @@ class SimilarityImportance(tp.importance.Importance):
         finally:
             for h in hooks:
                 h.remove()
-            self.features = {m: torch.cat(chunks, dim=1) for m, chunks in store.items()}
+            self.features = {m: c[0] if len(c) == 1 else torch.cat(c, dim=1) for m, c in store.items()}
 
     @torch.no_grad()
     def __call__(self, group: tp.dependency.Group) -> torch.Tensor | None:
