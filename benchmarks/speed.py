@@ -9,7 +9,9 @@
       channels_last where it is faster;
 (iii) one pruning interval on ResNet-50 at 224x224 per criterion (l1, taylor, activation, similarity on feature
       maps): dependency graph, one-time setup, the interval with its calibration passes, re-prepare;
-(iv)  CIFAR ResNet-56 at 50% FLOPs with any widths and with `prune.round_to: 8`: latency at batch 1 and 32.
+(iv)  CIFAR ResNet-56 at 50% FLOPs with any widths and with `prune.round_to: 8`: latency at batch 1 and 32;
+(v)   CIFAR ResNet-56 pruned to a latency target of 0.5 at batch 32 (`prune.target_latency_ratio`'s pricing), with
+      and without `round_to: 8`: steps, seconds, the latency reached and measured again, the FLOPs it kept.
 Figures are medians of repeated runs after warm-up, reported as ratios so they hold on a noisy machine. Results go
 to <out>/speed-<device>.json and .md, and a plot to <out>/speed-<device>.png; `--only SECTION...` reruns some
 sections and keeps the others' saved results.
@@ -35,7 +37,14 @@ from aip.distill.features import FeatureTaps  # noqa: E402
 from aip.distill.step import DistillStep  # noqa: E402
 from aip.models import create_model, default_taps  # noqa: E402
 from aip.prune.cost import model_cost  # noqa: E402
-from benchmarks.speed_prune import interval_lines, interval_times, rounding_latency, rounding_lines  # noqa: E402
+from benchmarks.speed_prune import (  # noqa: E402
+    interval_lines,
+    interval_times,
+    latency_target,
+    rounding_latency,
+    rounding_lines,
+    target_lines,
+)
 from benchmarks.timing import interleaved_medians, load, median_time, pruned_copy  # noqa: E402
 
 
@@ -170,6 +179,8 @@ def write(results: dict, out: Path, device: str) -> None:
         lines += interval_lines(results["interval"], runs.get("interval", ""))
     if "rounding" in results:
         lines += rounding_lines(results["rounding"], runs.get("rounding", ""))
+    if "target" in results:
+        lines += target_lines(results["target"], runs.get("target", ""))
     (out / f"speed-{device}.md").write_text("\n".join(lines) + "\n")
     if "latency" in results:
         plot(results["latency"], out / f"speed-{device}.png")
@@ -198,7 +209,7 @@ def plot(rows: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-SECTIONS = ("step", "latency", "interval", "rounding")
+SECTIONS = ("step", "latency", "interval", "rounding", "target")
 
 
 def main() -> None:
@@ -229,6 +240,7 @@ def main() -> None:
         "latency": lambda: latency(args.device, repeats, [1, 32], models),
         "interval": lambda: interval_times(args.device),
         "rounding": lambda: rounding_latency(args.device, 3 * repeats),
+        "target": lambda: latency_target(args.device),
     }
     for section in args.only or SECTIONS:
         started = load()

@@ -1,7 +1,8 @@
-"""Speed of pruning itself: one interval per criterion on ResNet-50, and what `prune.round_to` does to latency.
+"""Speed of pruning itself: one interval per criterion on ResNet-50, what `prune.round_to` does to latency, and a
+latency target reached on the machine that runs it.
 
-Sections (iii) and (iv) of `benchmarks/speed.py`, which runs them and writes their tables (`interval_lines`,
-`rounding_lines`).
+Sections (iii), (iv) and (v) of `benchmarks/speed.py`, which runs them and writes their tables (`interval_lines`,
+`rounding_lines`, `target_lines`).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from torch import nn
 
 from aip.models import classifier_of, create_model
 from aip.prune.importance import create_importance
+from aip.prune.latency import LatencyTable, layer_curves, layer_times, measure_latency, relative_latency
 from aip.prune.pruner import ChannelPruner
 from benchmarks.timing import interleaved_medians, load, pruned_copy, sync
 
@@ -163,6 +165,86 @@ def rounding_latency(device: str, repeats: int, batches: tuple[int, ...] = (1, 3
                 flush=True,
             )
     return rows
+
+
+def latency_target(
+    device: str, ratio: float = 0.5, batch: int = 32, round_tos: tuple[int, ...] = (1, 8), checks: int = 3
+) -> list[dict]:
+    """(v): CIFAR ResNet-56 pruned by L1 until its latency (eval, inference_mode, batch `batch`, timed in turns with
+    the unpruned network) is at most `ratio` of the unpruned network's, as `prune.target_latency_ratio` prunes: each
+    layer's curve measured once, layer times at every step, channels ranked per millisecond saved; then the ratio
+    measured `checks` times more."""
+    torch.manual_seed(0)
+    base = create_model("cifar_resnet56", 10).to(device).eval()
+    example, x = torch.randn(1, 3, 32, 32, device=device), torch.randn(batch, 3, 32, 32, device=device)
+    rows = []
+    for round_to in round_tos:
+        row = {**_to_latency(base, example, x, ratio, round_to, checks), "batch": batch, "target": ratio}
+        rows.append(row)
+        print(
+            f"latency target {ratio} (round_to {round_to}): {row['steps']} step(s), {row['prune_s']:.1f} s "
+            f"(+{row['curves_s']:.1f} s curves), reached {row['reached']:.3f}, again "
+            f"{', '.join(f'{a:.3f}' for a in row['measured_again'])}, FLOPs {row['flops_ratio']:.3f}",
+            flush=True,
+        )
+    return rows
+
+
+def _to_latency(
+    base: nn.Module, example: torch.Tensor, x: torch.Tensor, ratio: float, round_to: int, checks: int
+) -> dict:
+    """A copy of `base` pruned by L1 to `ratio` of its latency on `x`: what it took and what it reached."""
+    from aip.prune.cost import model_cost
+
+    model = copy.deepcopy(base)
+    pruner = ChannelPruner(model, example, [classifier_of(model)], max_layer_ratio=0.9, round_to=round_to)
+    table = pruner.width_cost()
+    layers = [layer.module for layer in table.layers]
+    start = time.perf_counter()
+    curves = layer_curves(model, layers, x)
+    curves_s, start = time.perf_counter() - start, time.perf_counter()
+    base_ms = measure_latency(base, x)
+
+    def measure() -> float:
+        return base_ms * relative_latency(model, base, x)
+
+    def pricer(_: str) -> LatencyTable:
+        return LatencyTable(table, layer_times(model, layers, x), measure_latency(model, x), curves)
+
+    log = pruner.prune_to(ratio * base_ms, "latency", create_importance("l1"), measure=measure, pricer=pricer)
+    prune_s = time.perf_counter() - start
+    return {
+        "round_to": round_to,
+        "steps": log.steps,
+        "curves_s": curves_s,
+        "prune_s": prune_s,
+        "reached": log.cost_after / base_ms,
+        "measured_again": [relative_latency(model, base, x) for _ in range(checks)],
+        "flops_ratio": model_cost(model, example).flops / model_cost(base, example).flops,
+        "threads": torch.get_num_threads(),
+    }
+
+
+def target_lines(rows: list[dict], run: str) -> list[str]:
+    """The markdown table of section (v); `run` says how and when it ran."""
+    lines = [
+        "",
+        f"## A latency target (CIFAR ResNet-56, L1, {rows[0]['target']} of the unpruned network's latency)",
+        "",
+        f"Run: {run}. {rows[0]['threads']} thread(s); eval, inference_mode, batch {rows[0]['batch']}; the student and "
+        "the unpruned network timed in turns. Curves: each layer timed alone at a few widths, once; prune: the "
+        "removal steps with their measurements; measured again: the latency ratio timed anew after the prune.",
+        "",
+        "| round_to | steps | curves | prune | reached | measured again | FLOPs ratio |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        again = ", ".join(f"{a:.3f}" for a in r["measured_again"])
+        lines.append(
+            f"| {r['round_to']} | {r['steps']} | {r['curves_s']:.1f} s | {r['prune_s']:.1f} s | {r['reached']:.3f} "
+            f"| {again} | {r['flops_ratio']:.3f} |"
+        )
+    return lines
 
 
 def interval_lines(rows: list[dict], run: str) -> list[str]:
