@@ -30,23 +30,28 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _time(module: nn.Module, x: torch.Tensor, warmup: int, repeats: int) -> float:
+    """Median milliseconds of `module(x)` over `repeats` calls after `warmup` (the caller sets the modes)."""
+    times = []
+    for i in range(warmup + repeats):
+        _sync(x.device)
+        start = time.perf_counter()
+        module(x)
+        _sync(x.device)
+        if i >= warmup:
+            times.append(1000.0 * (time.perf_counter() - start))
+    return statistics.median(times)
+
+
 def measure_latency(model: nn.Module, inputs: torch.Tensor, warmup: int = 3, repeats: int = 10) -> float:
     """Median milliseconds of one forward of `inputs` in eval mode under inference_mode; the mode is restored."""
     was_training = model.training
     model.eval()
-    times = []
     try:
         with torch.inference_mode():
-            for i in range(warmup + repeats):
-                _sync(inputs.device)
-                start = time.perf_counter()
-                model(inputs)
-                _sync(inputs.device)
-                if i >= warmup:
-                    times.append(1000.0 * (time.perf_counter() - start))
+            return _time(model, inputs, warmup, repeats)
     finally:
         model.train(was_training)
-    return statistics.median(times)
 
 
 def relative_latency(
@@ -142,18 +147,6 @@ def _standalone(layer: nn.Module, out: int, inp: int, depthwise: bool) -> nn.Mod
 def _widths(width: int, step: int) -> list[int]:
     """The grid's widths for a layer `width` wide whose widths move in multiples of `step` (its groups)."""
     return sorted({max(step, round(f * width / step) * step) for f in FRACTIONS})
-
-
-def _time(module: nn.Module, x: torch.Tensor, warmup: int, repeats: int) -> float:
-    times = []
-    for i in range(warmup + repeats):
-        _sync(x.device)
-        start = time.perf_counter()
-        module(x)
-        _sync(x.device)
-        if i >= warmup:
-            times.append(1000.0 * (time.perf_counter() - start))
-    return statistics.median(times)
 
 
 def layer_curves(
