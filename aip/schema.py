@@ -276,9 +276,9 @@ class DiscriminatorConfig:
     beta1: float = option(0.5, "Adam beta1")
     beta2: float = option(0.999, "Adam beta2")
     input: str = option(
-        "logits",
-        "what it sees: logits, softmax, or attention (each tap's attention map pooled to 4x4, independent of the"
-        " pruned widths; task detection always uses attention)",
+        "attention",
+        "what it sees: attention (each tap's attention map pooled to 4x4, independent of the pruned widths; task"
+        " detection always uses it), logits or softmax",
     )
     steps: int = option(1, "discriminator updates per student update (the update ratio)")
 

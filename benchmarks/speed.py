@@ -32,6 +32,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from aip.config import LossConfig  # noqa: E402
+from aip.distill.adversarial import GRID  # noqa: E402
 from aip.distill.discriminator import Discriminator  # noqa: E402
 from aip.distill.features import FeatureTaps  # noqa: E402
 from aip.distill.step import DistillStep  # noqa: E402
@@ -58,14 +59,14 @@ def step_overhead(device: str, repeats: int, batch: int) -> dict:
     example = torch.randn(1, 3, 32, 32, device=acc.device)
     student = pruned_copy(teacher, example, 0.5).requires_grad_(True).train()
     plain, bare_teacher = copy.deepcopy(student), copy.deepcopy(teacher)  # no taps on these two
-    disc = Discriminator(10).to(acc.device)
+    taps = default_taps(student, "cifar_resnet56")
+    disc = Discriminator(len(taps) * GRID * GRID, input="attention").to(acc.device)  # the trainer's default
     x = torch.randn(batch, 3, 32, 32, device=acc.device)
     y = torch.randint(0, 10, (batch,), device=acc.device)
     opt_s = torch.optim.SGD(student.parameters(), lr=0.01, momentum=0.9)
     opt_d = torch.optim.Adam(disc.parameters(), lr=1e-4)
     sched = torch.optim.lr_scheduler.LambdaLR(opt_s, lambda _: 1.0)
     student_p, disc_p, opt_s, opt_d, sched = acc.prepare(student, disc, opt_s, opt_d, sched)
-    taps = default_taps(student, "cifar_resnet56")
     opt_plain = torch.optim.SGD(plain.parameters(), lr=0.01, momentum=0.9)
 
     def plain_step() -> None:
