@@ -205,11 +205,14 @@ def _to_latency(
     curves_s, start = time.perf_counter() - start, time.perf_counter()
     base_ms = measure_latency(base, x)
 
+    measured: list[float] = []  # as the trainer: the table reuses the latency measured just before it prices
+
     def measure() -> float:
-        return base_ms * relative_latency(model, base, x)
+        measured.append(base_ms * relative_latency(model, base, x))
+        return measured[-1]
 
     def pricer(_: str) -> LatencyTable:
-        return LatencyTable(table, layer_times(model, layers, x), measure_latency(model, x), curves)
+        return LatencyTable(table, layer_times(model, layers, x), measured[-1], curves)
 
     log = pruner.prune_to(ratio * base_ms, "latency", create_importance("l1"), measure=measure, pricer=pricer)
     prune_s = time.perf_counter() - start

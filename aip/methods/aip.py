@@ -64,17 +64,18 @@ def latency_ms(session: Session, model: nn.Module, teacher: nn.Module, teacher_m
     return teacher_ms * on_main(session, lambda: relative_latency(student, teacher, inputs))
 
 
-def latency_table(session: Session, pruner: ChannelPruner, curves: dict[nn.Module, LayerCurve | None]) -> LatencyTable:
+def latency_table(
+    session: Session, pruner: ChannelPruner, curves: dict[nn.Module, LayerCurve | None], total: float
+) -> LatencyTable:
     """The per-group price of a channel in milliseconds, from layer times measured on the student as it is now
-    and each layer's latency curve, measured alone at a few widths on the first call (kept in `curves`)."""
+    (whose whole forward was just measured at `total` ms) and each layer's latency curve, measured alone at a few
+    widths on the first call (kept in `curves`)."""
     table, inputs = pruner.width_cost(), _batch(session)
     layers = [layer.module for layer in table.layers]
     missing = [m for m in layers if m not in curves]
     if missing:
         curves.update(zip(missing, on_main(session, lambda: layer_curves(pruner.model, missing, inputs)), strict=True))
-    times, total = on_main(
-        session, lambda: (layer_times(pruner.model, layers, inputs), measure_latency(pruner.model, inputs))
-    )
+    times = on_main(session, lambda: layer_times(pruner.model, layers, inputs))
     return LatencyTable(table, times, total, [curves[m] for m in layers])
 
 
@@ -127,8 +128,14 @@ def prune_stage(
     started = time.perf_counter()
     measure, pricer = None, None
     if metric == "latency":  # measured: every step measures again, with a table refreshed on the student as it is
-        measure = lambda: latency_ms(session, pruner.model, teacher, base["latency"])  # noqa: E731
-        pricer = lambda _: latency_table(session, pruner, {} if curves is None else curves)  # noqa: E731
+        curves = {} if curves is None else curves
+        measured: list[float] = []  # the pruner prices right after it measures: the table reuses that figure
+
+        def measure() -> float:
+            measured.append(latency_ms(session, pruner.model, teacher, base["latency"]))
+            return measured[-1]
+
+        pricer = lambda _: latency_table(session, pruner, curves, measured[-1])  # noqa: E731
     reached = (1.0 - (measure or (lambda: pruner.cost(metric)))() / base[metric]) / (1.0 - target_ratio(cfg))
     criterion = criterion_for_interval(cfg.prune, stage.index, reached)
     importance = create_importance(criterion, cfg.prune)

@@ -19,6 +19,7 @@ import time
 from collections import defaultdict
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -199,11 +200,9 @@ def _curve(
         size = (*shape[:-1], out if depthwise else inp) if linear else (shape[0], out if depthwise else inp, *shape[2:])
         return _time(module, torch.randn(size, device=w.device, dtype=w.dtype), warmup, repeats)
 
-    grid = [[ms(o, i) for i in ins] for o in outs]
-    for r, row in enumerate(grid):  # non-decreasing in both widths
-        for c in range(len(row)):
-            row[c] = max([row[c]] + ([row[c - 1]] if c else []) + ([grid[r - 1][c]] if r else []))
-    measured[key] = LayerCurve([float(o) for o in outs], [float(i) for i in ins], grid)
+    grid = np.array([[ms(o, i) for i in ins] for o in outs])
+    grid = np.maximum.accumulate(np.maximum.accumulate(grid, axis=0), axis=1)  # non-decreasing in both widths
+    measured[key] = LayerCurve([float(o) for o in outs], [float(i) for i in ins], grid.tolist())
     return measured[key]
 
 
