@@ -276,7 +276,9 @@ def validate(cfg: Config) -> None:
     _positive("prune.epochs_between", cfg.prune.epochs_between, zero_ok=True)
     _positive("prune.finetune_epochs", cfg.prune.finetune_epochs, zero_ok=True)
     _positive("prune.calibration_batches", cfg.prune.calibration_batches)
-    if cfg.prune.round_to is not None:
+    if isinstance(cfg.prune.round_to, str) and cfg.prune.round_to != "auto":
+        raise ConfigError(f"prune.round_to: a channel multiple > 0, auto or null, got {cfg.prune.round_to!r}")
+    if isinstance(cfg.prune.round_to, int):
         _positive("prune.round_to", cfg.prune.round_to)
     _choice("prune.hybrid.similarity", cfg.prune.hybrid.similarity, ("similarity", "fpgm"))
     hybrid = cfg.prune.hybrid

@@ -186,10 +186,10 @@ class PruneConfig:
         "geometric", "steps towards the target: geometric (same fraction of what is left) or linear (same share)"
     )
     max_layer_ratio: float = option(0.8, "no layer group may lose more than this fraction of its original channels")
-    round_to: int | None = option(
+    round_to: int | str | None = option(
         None,
-        "keep every pruned group's width a multiple of N (8 or 16 suit SIMD units and tensor cores; a group "
-        "narrower than N stays whole); null: any width",
+        "keep every pruned group's width a multiple of N (a group narrower than N stays whole); auto: the run "
+        "device's channel block (16 on AVX-512 CPUs, 8 on AVX2 CPUs and CUDA tensor cores); null: any width",
     )
     calibration_batches: int = option(
         4, "training batches used by data-dependent criteria (taylor, activation, similarity on features)"

@@ -9,7 +9,8 @@
       channels_last where it is faster;
 (iii) one pruning interval on ResNet-50 at 224x224 per criterion (l1, taylor, activation, similarity on feature
       maps): dependency graph, one-time setup, the interval with its calibration passes, re-prepare;
-(iv)  CIFAR ResNet-56 at 50% FLOPs with any widths and with `prune.round_to: 8`: latency at batch 1 and 32;
+(iv)  CIFAR ResNet-56 at 50% FLOPs with any widths and with `prune.round_to: 8` and 16: latency at batch 1 and 32,
+      three fresh processes per kernel set (the CPU's own, and AVX2's on an AVX-512 CPU), the median with the range;
 (v)   CIFAR ResNet-56 pruned to a latency target of 0.5 at batch 32 (`prune.target_latency_ratio`'s pricing), with
       and without `round_to: 8`: steps, seconds, the latency reached and measured again, the FLOPs it kept.
 Figures are medians of repeated runs after warm-up, reported as ratios so they hold on a noisy machine. Results go
@@ -42,10 +43,9 @@ from benchmarks.speed_prune import (  # noqa: E402
     interval_lines,
     interval_times,
     latency_target,
-    rounding_latency,
-    rounding_lines,
     target_lines,
 )
+from benchmarks.speed_rounding import rounding_latency, rounding_lines  # noqa: E402
 from benchmarks.timing import interleaved_medians, load, median_time, pruned_copy  # noqa: E402
 
 

@@ -1,8 +1,8 @@
-"""Speed of pruning itself: one interval per criterion on ResNet-50, what `prune.round_to` does to latency, and a
-latency target reached on the machine that runs it.
+"""Speed of pruning itself: one interval per criterion on ResNet-50, and a latency target reached on the machine
+that runs it.
 
-Sections (iii), (iv) and (v) of `benchmarks/speed.py`, which runs them and writes their tables (`interval_lines`,
-`rounding_lines`, `target_lines`).
+Sections (iii) and (v) of `benchmarks/speed.py`, which runs them and writes their tables (`interval_lines`,
+`target_lines`); section (iv), what `prune.round_to` does to latency, is `benchmarks/speed_rounding.py`.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from aip.models import classifier_of, create_model
 from aip.prune.importance import create_importance
 from aip.prune.latency import LatencyTable, layer_curves, layer_times, measure_latency, relative_latency
 from aip.prune.pruner import ChannelPruner
-from benchmarks.timing import interleaved_medians, load, pruned_copy, sync
+from benchmarks.timing import load, sync
 
 INTERVAL_CRITERIA = ("l1", "taylor", "activation", "similarity")
 
@@ -111,60 +111,6 @@ def _one_interval(acc: Any, teacher: nn.Module, example: torch.Tensor, batch: tu
         "calibration_s": spent["wall"],
         "re_prepare_s": time.perf_counter() - start,
     }
-
-
-def rounding_latency(device: str, repeats: int, batches: tuple[int, ...] = (1, 32), round_to: int = 8) -> list[dict]:
-    """(iv): CIFAR ResNet-56 pruned by L1 to 50% of its FLOPs with and without `prune.round_to`, latency against the
-    unpruned network at each batch size (eval, inference_mode, the faster memory layout of each), all timed in
-    turns so that the machine's load weighs on each alike."""
-    from aip.prune.cost import model_cost
-
-    torch.manual_seed(0)
-    base = create_model("cifar_resnet56", 10).eval()
-    example = torch.randn(1, 3, 32, 32)
-    variants = {"unpruned": base, "any width": pruned_copy(base, example, 0.5)}
-    variants[f"round_to {round_to}"] = pruned_copy(base, example, 0.5, round_to)
-    flops = {name: model_cost(m, example).flops for name, m in variants.items()}
-    rows = []
-    for batch in batches:
-        x = torch.randn(batch, 3, 32, 32, device=device)
-        fns = {}
-        for name, model in variants.items():
-            for fmt in (torch.contiguous_format, torch.channels_last):
-                m = copy.deepcopy(model).to(device, memory_format=fmt)
-                xi = x.to(memory_format=fmt)
-
-                def run(m: nn.Module = m, xi: torch.Tensor = xi) -> None:
-                    with torch.inference_mode(), torch.autocast(device, torch.bfloat16, enabled=device == "cuda"):
-                        m(xi)
-
-                fns[(name, fmt is torch.channels_last)] = run
-        times = interleaved_medians(fns, device, repeats, 3)
-        best = {name: min(times[(name, False)], times[(name, True)]) for name in variants}
-        for name in variants:
-            if name == "unpruned":
-                continue
-            flops_speedup = flops["unpruned"] / flops[name]
-            latency_speedup = best["unpruned"] / best[name]
-            rows.append(
-                {
-                    "widths": name,
-                    "batch": batch,
-                    "flops_ratio": flops[name] / flops["unpruned"],
-                    "flops_speedup": flops_speedup,
-                    "latency_speedup": latency_speedup,
-                    "efficiency": latency_speedup / flops_speedup,
-                    "base_ms": 1000 * best["unpruned"],
-                    "pruned_ms": 1000 * best[name],
-                    "threads": torch.get_num_threads(),
-                }
-            )
-            print(
-                f"resnet56 {name} b{batch}: FLOPs x{flops_speedup:.2f}, latency x{latency_speedup:.2f} "
-                f"({1000 * best['unpruned']:.2f} -> {1000 * best[name]:.2f} ms)",
-                flush=True,
-            )
-    return rows
 
 
 def latency_target(
@@ -278,25 +224,5 @@ def interval_lines(rows: list[dict], run: str) -> list[str]:
             f"{i.get('interval_cpu_median_s', i['interval_cpu_s']):.2f} s | {calib} "
             f"| {i['interval_s'] - i['calibration_s']:.2f} s | {i['graph_s']:.2f} s | {i['setup_s']:.2f} s "
             f"| {i['re_prepare_s']:.3f} s |"
-        )
-    return lines
-
-
-def rounding_lines(rows: list[dict], run: str) -> list[str]:
-    """The markdown table of section (iv); `run` says how and when it ran."""
-    lines = [
-        "",
-        "## Hardware-friendly widths (CIFAR ResNet-56, 50% FLOPs, L1; eval, inference_mode)",
-        "",
-        f"Run: {run}. {rows[0]['threads']} thread(s); efficiency = latency speed-up / FLOPs speed-up; the three "
-        "networks are timed in turns.",
-        "",
-        "| widths | batch | FLOPs ratio | FLOPs speed-up | latency speed-up | efficiency | base ms | pruned ms |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    for r in rows:
-        lines.append(
-            f"| {r['widths']} | {r['batch']} | {r['flops_ratio']:.3f} | {r['flops_speedup']:.2f} "
-            f"| {r['latency_speedup']:.2f} | {r['efficiency']:.2f} | {r['base_ms']:.2f} | {r['pruned_ms']:.2f} |"
         )
     return lines

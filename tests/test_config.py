@@ -66,6 +66,7 @@ def test_resolved_config_round_trips(tmp_path: Path) -> None:
         ),
         (["bogus"], "expected key=value"),
         (["prune.round_to=0"], "prune.round_to: must be > 0"),
+        (["prune.round_to=fast"], "prune.round_to: a channel multiple > 0, auto or null, got 'fast'"),
         (["disc.steps=0"], "disc.steps: must be > 0"),
         (["disc.steps=2", "train.grad_accum_steps=2"], "disc.steps: more than one discriminator update per step"),
         (["disc.input=features"], "disc.input: 'features' is not allowed; choose one of: logits, softmax, attention"),

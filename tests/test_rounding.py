@@ -1,21 +1,26 @@
-"""Hardware-friendly widths (`prune.round_to`): pruned widths stay multiples of N, the targets are still met, and
-ACP's candidate widths keep to the same grid."""
+"""Hardware-friendly widths (`prune.round_to`): pruned widths stay multiples of N, the targets are still met,
+ACP's candidate widths keep to the same grid, and `auto` takes N from the run device's kernels."""
 
 from __future__ import annotations
 
+import json
 import math
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from aip.config import SwarmConfig
 from aip.models import classifier_of, create_model
 from aip.prune.cost import model_cost
 from aip.prune.importance import create_importance
 from aip.prune.pruner import ChannelPruner
-from aip.prune.rounding import WidthGrid, blocks
+from aip.prune.rounding import WidthGrid, blocks, device_round_to
 from aip.search.acp import ParticleSwarm, scale_to_budget
+from aip.train import main
+from tests.conftest import tiny_run
 
 
 def test_the_grid_keeps_multiples_of_n_within_the_floor_and_the_original() -> None:
@@ -97,3 +102,27 @@ def test_acp_candidates_keep_to_the_grid_and_the_budget() -> None:
     assert all(x % 8 == 0 for w in seen for x in w)
     pruner.prune_to_widths(dict(zip(names, best, strict=True)), create_importance("l1"))
     assert list(pruner.widths().values()) == best
+
+
+@pytest.mark.parametrize(("capability", "lanes"), [("AVX512", 16), ("AVX2", 8), ("DEFAULT", 1)])
+def test_auto_takes_the_channel_block_of_the_cpu_kernels(
+    monkeypatch: pytest.MonkeyPatch, capability: str, lanes: int
+) -> None:
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
+    found, source = device_round_to(torch.device("cpu"))
+    assert found == lanes and capability in source
+    assert device_round_to(torch.device("meta"))[0] == 1  # kernels not known here: any width
+
+
+def test_a_run_with_round_to_auto_prunes_on_the_device_block(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump(tiny_run(**{"prune.round_to": "auto", "prune.finetune_epochs": 0})))
+    assert main(["--config", str(config), "--out", str(tmp_path / "run")]) == 0
+    assert "prune.round_to auto: 16 (CPU kernels AVX512)" in capsys.readouterr().out
+    log = json.loads((tmp_path / "run" / "pruning_log.json").read_text())
+    widths = log[-1]["widths"]
+    assert all(w % 16 == 0 for w in widths.values()) and log[-1]["ratio_after"] <= 0.6
+    assert [e["round_to"] for e in log] == [16, 16]

@@ -14,7 +14,7 @@ from torch import nn
 from aip import checkpoint as ckpt
 from aip.config import KDLoss, LossConfig, WeightedLoss
 from aip.errors import ConfigError
-from aip.methods.aip import target_ratio
+from aip.methods.aip import round_to, target_ratio
 from aip.methods.recovery import (
     Stage,
     check_same_architecture,
@@ -75,7 +75,7 @@ def run_acp(session: Session, resume: Path | None = None) -> Outcome:
     taps = tap_names(session, student)
     disc = discriminator(session, taps)
     prunable, example, ignored = session.task.prunable(student, session.example.to(acc.device))
-    pruner = ChannelPruner(prunable, example, ignored, cfg.prune.max_layer_ratio, cfg.prune.round_to or 1)
+    pruner = ChannelPruner(prunable, example, ignored, cfg.prune.max_layer_ratio, round_to(session))
     base = session.cost(student)
     metric = "flops" if cfg.prune.target_flops_ratio is not None else "params"
     val = acc.prepare_data_loader(session.val_loader())

@@ -32,6 +32,7 @@ from aip.prune.capacity import LayerCapacity, estimate_capacity
 from aip.prune.importance import create_importance, criterion_for_interval
 from aip.prune.latency import LatencyTable, LayerCurve, layer_curves, layer_times, measure_latency, relative_latency
 from aip.prune.pruner import ChannelPruner
+from aip.prune.rounding import device_round_to
 from aip.prune.schedule import interval_targets
 from aip.session import Outcome, RunState, Session
 
@@ -55,6 +56,17 @@ def on_main(session: Session, measure: Callable[[], Any]) -> Any:
     if session.accelerator.num_processes > 1:
         broadcast_object_list(box)
     return box[0]
+
+
+def round_to(session: Session) -> int:
+    """`prune.round_to` as a number: `auto` becomes the main process's device's channel block (logged), which every
+    process then uses, so that all prune the same channels."""
+    value = session.cfg.prune.round_to
+    if value != "auto":
+        return value or 1
+    found, source = on_main(session, lambda: device_round_to(session.accelerator.device))
+    session.print(f"prune.round_to auto: {found} ({source})")
+    return found
 
 
 def latency_ms(session: Session, model: nn.Module, teacher: nn.Module, teacher_ms: float) -> float:
@@ -161,6 +173,7 @@ def prune_stage(
         "steps": log.steps,
         "seconds": time.perf_counter() - started,
         "widths": log.widths_after,
+        "round_to": pruner.round_to,
         "architecture_per_process": digests,
         "unpruned_groups": dict(pruner.refused),
     }
@@ -184,7 +197,7 @@ def run_aip(session: Session, resume: Path | None = None, branch: Path | None = 
     teacher = load_teacher(session, source_run)
     student = copy.deepcopy(teacher).requires_grad_(True).train()
     prunable, example, ignored = session.task.prunable(student, session.example.to(acc.device))
-    pruner = ChannelPruner(prunable, example, ignored, cfg.prune.max_layer_ratio, cfg.prune.round_to or 1)
+    pruner = ChannelPruner(prunable, example, ignored, cfg.prune.max_layer_ratio, round_to(session))
     taps = tap_names(session, student)
     disc = discriminator(session, taps)
     base: dict[str, float] = dict(session.cost(student))

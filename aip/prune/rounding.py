@@ -6,12 +6,34 @@ smallest such multiple at or above its per-layer floor (and never below L) up to
 So a group narrower than L, or one whose floor rounds up to W, stays whole; a group whose W is no multiple of N drops
 to the largest multiple below W on its first removal, and by L channels at a time after that. Without rounding
 (N = 1) the allowed widths are the multiples of u, as Torch-Pruning's own pruners keep them.
+
+`prune.round_to: auto` takes N from the kernels of the run's device (`device_round_to`): a width that is no multiple
+of the kernels' channel block is padded up to one, so the FLOPs it saves take no time off.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+
+import torch
+
+# fp32 lanes of the CPU's vector unit by ATen's capability name: oneDNN blocks convolution channels by this many
+CPU_LANES = {"AVX512": 16, "AVX2": 8, "SVE256": 8}
+# NVIDIA's Tensor Core guidance for fp16/bf16 convolutions and GEMMs: channel counts that are multiples of 8
+CUDA_CHANNELS = 8
+
+
+def device_round_to(device: torch.device) -> tuple[int, str]:
+    """`prune.round_to: auto` on `device`: the channel multiple its kernels run best at, and what it was read from
+    (1, any width, for a device whose kernels are not known here)."""
+    if device.type == "cuda":
+        return CUDA_CHANNELS, f"{torch.cuda.get_device_name(device)} tensor cores"
+    if device.type == "cpu":
+        capability = torch.backends.cpu.get_cpu_capability()
+        lanes = next((n for name, n in CPU_LANES.items() if capability.startswith(name)), 1)
+        return lanes, f"CPU kernels {capability}"
+    return 1, f"{device.type} (no known channel block: any width)"
 
 
 @dataclass(frozen=True)
