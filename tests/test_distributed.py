@@ -21,6 +21,7 @@ from torch.nn import functional as F
 
 from aip import checkpoint as ckpt
 from aip.prune.importance import create_importance
+from aip.prune.rounding import device_round_to
 from aip.train import main
 from tests.conftest import exported_outputs, tiny_run
 from tests.test_prune import Residual
@@ -86,6 +87,21 @@ def test_two_processes_prune_alike_under_a_latency_target(teacher: Path, tmp_pat
     assert all(len(set(e["architecture_per_process"])) == 1 for e in log)
     report = _report(tmp_path / "two")
     assert report["teacher"]["latency_ms"] > 0 and all(r["latency_ms"] > 0 for r in report["stages"])
+
+
+@pytest.mark.slow
+def test_two_processes_take_the_main_process_round_to_auto(teacher: Path, tmp_path: Path) -> None:
+    """`prune.round_to: auto` is resolved on the main process and broadcast: both processes prune on its grid."""
+    overrides = {"model.teacher_checkpoint": str(teacher), "prune.round_to": "auto", "prune.finetune_epochs": 0}
+    config = _config(tmp_path / "c.yaml", **overrides)
+    done = _launch_2proc("--config", str(config), "--out", str(tmp_path / "two"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    block = device_round_to(torch.device("cpu"))[0]
+    assert done.stdout.count(f"prune.round_to auto: {block} ") == 1  # logged once, by the main process
+    log = json.loads((tmp_path / "two" / "pruning_log.json").read_text())
+    assert [e["round_to"] for e in log] == [block, block]
+    assert all(len(set(e["architecture_per_process"])) == 1 for e in log)
+    assert all(w % block == 0 for w in log[-1]["widths"].values())
 
 
 def test_two_processes_share_the_acp_search_and_find_what_one_process_finds(teacher: Path, tmp_path: Path) -> None:
