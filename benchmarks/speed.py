@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import platform
 import sys
 from pathlib import Path
@@ -45,7 +46,7 @@ from benchmarks.speed_prune import (  # noqa: E402
     latency_target,
     target_lines,
 )
-from benchmarks.speed_rounding import rounding_latency, rounding_lines  # noqa: E402
+from benchmarks.speed_rounding import REUSE_MEMORY, rounding_latency, rounding_lines  # noqa: E402
 from benchmarks.timing import interleaved_medians, load, median_time, pruned_copy  # noqa: E402
 
 
@@ -246,7 +247,9 @@ def main() -> None:
     for section in args.only or SECTIONS:
         started = load()
         results[section] = run[section]()
-        note = f"`{command} --only {' '.join(args.only)}` on {machine}" if args.only else f"`{command}`"
+        env = " ".join(f"{k}={os.environ[k]}" for k in REUSE_MEMORY if k in os.environ)  # the allocator's settings
+        ran = f"{command} --only {' '.join(args.only)}" if args.only else command
+        note = f"`{env + ' ' if env else ''}{ran}` on {machine}"
         results.setdefault("runs", {})[section] = f"{note}, {started} when it started, torch {torch.__version__}"
     write(results, Path(args.out), args.device)
 
