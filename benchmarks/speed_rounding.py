@@ -34,12 +34,14 @@ from benchmarks.timing import interleaved_medians, pruned_copy  # noqa: E402
 
 AVX2 = {"ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"}
 # glibc maps each large block afresh and faults its pages in on every forward unless told to keep freed memory; the
-# wider network's bigger activations pay more of that, by an amount that changed from process to process by up to
-# 0.15 of the efficiency here. Held to the heap, trials agree within 0.01 (what jemalloc or tcmalloc also give).
+# wider network's bigger activations pay more of that, by an amount that changed from process to process (round_to 8:
+# efficiency 0.73-0.93 over three processes here). Told to keep freed memory, three processes agree within 0.01.
 REUSE_MEMORY = {"MALLOC_MMAP_THRESHOLD_": str(2**32), "MALLOC_TRIM_THRESHOLD_": str(2**32)}
 
 
-def one_trial(device: str, repeats: int, batches: tuple[int, ...] = (1, 32), round_tos: tuple[int, ...] = (8, 16)):
+def one_trial(
+    device: str, repeats: int, batches: tuple[int, ...] = (1, 32), round_tos: tuple[int, ...] = (8, 16)
+) -> list[dict]:
     """Latency of the unpruned and pruned networks at each batch size in this process (eval, inference_mode, the
     faster memory layout of each), all timed in turns so that the machine's load weighs on each alike."""
     torch.manual_seed(0)

@@ -18,7 +18,8 @@ from dataclasses import dataclass
 
 import torch
 
-# fp32 lanes of the CPU's vector unit by ATen's capability name: oneDNN blocks convolution channels by this many
+# fp32 lanes of a vector register by ATen's capability name (oneDNN's fp32 convolutions block channels by 16 under
+# AVX-512 and by 8 under AVX2)
 CPU_LANES = {"AVX512": 16, "AVX2": 8, "SVE256": 8}
 # NVIDIA's Tensor Core guidance for fp16/bf16 convolutions and GEMMs: channel counts that are multiples of 8
 CUDA_CHANNELS = 8
