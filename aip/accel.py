@@ -4,10 +4,13 @@ process-group timeout, and stepping two optimizers that share one GradScaler."""
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import timedelta
 from typing import Any
 
 import torch
+from torch import nn
 
 from aip.config import Config, ConfigError
 
@@ -54,3 +57,41 @@ def step_before_update(optimizer: Any) -> None:
         optimizer.step()
     elif optimizer.gradient_state.sync_gradients:
         scaler.step(optimizer.optimizer)
+
+
+def strip_autocast(model: nn.Module) -> nn.Module:
+    """`model` (in place) as it was before a `prepare`: without the autocast wrapper a mixed-precision prepare put on
+    its forward, and unmarked, so that preparing it again (after a prune) wraps it once, not once per stage (and
+    its `_original_forward` stays its own forward)."""
+    original = model.__dict__.pop("_original_forward", None)
+    if original is not None:
+        _set_forward(model, original)
+    model.__dict__.pop("_is_accelerate_prepared", None)
+    return model
+
+
+def _set_forward(model: nn.Module, forward: Any) -> None:
+    """Make `forward` the model's forward: its class's own (no instance attribute) when it is that one."""
+    if getattr(forward, "__func__", None) is type(model).forward and getattr(forward, "__self__", None) is model:
+        model.__dict__.pop("forward", None)
+    else:
+        model.forward = forward
+
+
+@contextmanager
+def plain_forward(model: nn.Module) -> Iterator[nn.Module]:
+    """`model` computing in its own precision for the duration (fp32 for an fp32 model), without the autocast
+    wrapper a mixed-precision `prepare` put on it: timings and checks compare it with the unprepared teacher."""
+    original = model.__dict__.get("_original_forward")
+    if original is None:
+        yield model
+        return
+    wrapped = model.__dict__.get("forward")
+    _set_forward(model, original)
+    try:
+        yield model
+    finally:
+        if wrapped is None:
+            model.__dict__.pop("forward", None)
+        else:
+            model.forward = wrapped

@@ -90,13 +90,18 @@ def plot_stages(teacher: Row, stages: list[Row], path: Path) -> None:
     plt.close(fig)
 
 
-def write_report(run_dir: Path, teacher: Row, stages: list[Row], curve: list[Row] | None = None) -> str:
+def write_report(
+    run_dir: Path, teacher: Row, stages: list[Row], curve: list[Row] | None = None, notes: list[str] | None = None
+) -> str:
     """Write report.json, report.md and (with stages) report.png into the run directory; return the Markdown table.
-    `curve` (train.eval_each_epoch): top-1 after each prune (epoch 0) and each recovery epoch, in report.json."""
+    `curve` (train.eval_each_epoch): top-1 after each prune (epoch 0) and each recovery epoch, in report.json;
+    `notes`: what the run decided in the user's place (a fallback), in both files."""
     run_dir = Path(run_dir)
     out: dict[str, Any] = {"teacher": teacher, "stages": stages}
     if curve:
         out["curve"] = curve
+    if notes:
+        out["notes"] = notes
     (run_dir / "report.json").write_text(json.dumps(out, indent=1))
     table = "\n".join(table_lines(teacher, stages))
     what = (
@@ -105,7 +110,9 @@ def write_report(run_dir: Path, teacher: Row, stages: list[Row], curve: list[Row
         if "map" in teacher
         else "FLOPs from torch.utils.flop_counter (one image); top-1/top-5 in %"
     )
-    (run_dir / "report.md").write_text(f"# Stage table\n\n{what} on the validation set.\n\n{table}\n")
+    extra = "".join(f"\n- {note}" for note in notes or [])
+    extra = f"\n## Notes\n{extra}\n" if extra else ""
+    (run_dir / "report.md").write_text(f"# Stage table\n\n{what} on the validation set.\n\n{table}\n{extra}")
     if stages:
         plot_stages(teacher, stages, run_dir / "report.png")
     return table

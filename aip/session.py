@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from aip import checkpoint as ckpt
-from aip.accel import CPU_ONLY, mixed_precision, process_group_kwargs
+from aip.accel import CPU_ONLY, mixed_precision, process_group_kwargs, strip_autocast
 from aip.batches import WholeBatches, device_transform, resolve_workers, whole_batch
 from aip.checks import check_names
 from aip.config import Config, ConfigError, save_config
@@ -51,6 +51,8 @@ class RunState:
     curve: list[dict[str, Any]] = field(default_factory=list)  # train.eval_each_epoch: top-1 per recovery epoch
     pruning_log: list[dict[str, Any]] = field(default_factory=list)
     capacity: dict[str, dict[str, Any]] = field(default_factory=dict)
+    round_to: int | None = None  # prune.round_to as the run's first process resolved it (auto), kept on resume
+    notes: list[str] = field(default_factory=list)  # what the run decided in the user's place, for the report
 
 
 def topk_correct(logits: torch.Tensor, labels: torch.Tensor, ks: tuple[int, ...] = (1, 5)) -> list[torch.Tensor]:
@@ -246,8 +248,10 @@ class Session:
         return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
 
     def prepare(self, *objects: Any) -> Any:
-        """Prepare afresh: what Accelerate had registered (a model since pruned, its optimizers) is freed first."""
+        """Prepare afresh: what Accelerate had registered (a model since pruned, its optimizers) is freed first, and
+        a model prepared before loses its autocast wrapper first (so it is wrapped once, not once per stage)."""
         self.accelerator.free_memory()
+        objects = tuple(strip_autocast(o) if isinstance(o, nn.Module) else o for o in objects)
         return self.accelerator.prepare(*objects)
 
     def cost(self, model: nn.Module) -> dict[str, int]:
@@ -360,7 +364,7 @@ class Session:
             if repair and written:
                 names = ", ".join(EXPORT_FILES.get(f, f) for f in written)
                 self.print(f"{names} missing or damaged in {self.run_dir}: exported again from {finished}")
-            table = write_report(self.run_dir, self.state.teacher, self.state.rows, self.state.curve)
+            table = write_report(self.run_dir, self.state.teacher, self.state.rows, self.state.curve, self.state.notes)
             (self.run_dir / "pruning_log.json").write_text(json.dumps(self.state.pruning_log, indent=1))
             self.print(f"\n{table}\n\nrun directory: {self.run_dir}")
         acc.wait_for_everyone()

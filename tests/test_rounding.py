@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import warnings
 from pathlib import Path
 
@@ -126,3 +127,24 @@ def test_a_run_with_round_to_auto_prunes_on_the_device_block(
     widths = log[-1]["widths"]
     assert all(w % 16 == 0 for w in widths.values()) and log[-1]["ratio_after"] <= 0.6
     assert [e["round_to"] for e in log] == [16, 16]
+
+
+def test_a_resumed_run_keeps_the_round_to_auto_it_started_with(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A job requeued onto a machine with other kernels goes on on the grid it started on (16), not the new one."""
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump(tiny_run(**{"prune.round_to": "auto", "prune.finetune_epochs": 0})))
+    run = tmp_path / "run"
+    assert main(["--config", str(config), "--out", str(run)]) == 0
+    first = json.loads((run / "pruning_log.json").read_text())
+    shutil.rmtree(run / "checkpoints" / "stage-02")
+    capsys.readouterr()
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")  # the new node: blocks of 8
+    assert main(["--resume", str(run)]) == 0
+    assert "prune.round_to auto: 16 (kept from the run's start)" in capsys.readouterr().out
+    log = json.loads((run / "pruning_log.json").read_text())
+    assert [e["round_to"] for e in log] == [16, 16]
+    assert all(w % 16 == 0 for w in log[-1]["widths"].values())
+    assert log[-1]["widths"] == first[-1]["widths"]

@@ -57,6 +57,7 @@ def acp_prune(session: Session, teacher: nn.Module, pruner: ChannelPruner, base:
             "target_ratio": target_ratio(cfg),
             "seconds": time.perf_counter() - started,
             "widths": pruner.widths(),
+            "round_to": pruner.round_to,
             "evaluations_per_process": counts,
             "architecture_per_process": check_same_architecture(session, pruner.model, 1),
         }
@@ -74,17 +75,18 @@ def run_acp(session: Session, resume: Path | None = None) -> Outcome:
     student = copy.deepcopy(teacher).requires_grad_(True).train()
     taps = tap_names(session, student)
     disc = discriminator(session, taps)
+    history, meta = ckpt.read(resume) if resume is not None else ([], {})
     prunable, example, ignored = session.task.prunable(student, session.example.to(acc.device))
-    pruner = ChannelPruner(prunable, example, ignored, cfg.prune.max_layer_ratio, round_to(session))
+    grid = round_to(session, meta.get("state"))
+    pruner = ChannelPruner(prunable, example, ignored, cfg.prune.max_layer_ratio, grid)
     base = session.cost(student)
     metric = "flops" if cfg.prune.target_flops_ratio is not None else "params"
     val = acc.prepare_data_loader(session.val_loader())
     stage = Stage(1, "acp", cfg.prune.finetune_epochs, target_ratio(cfg))
     partial = None
     if resume is not None:
-        history, meta = ckpt.read(resume)
         pruner.replay(history)
-        session.state = RunState(**meta["state"])
+        session.state = RunState(**{**meta["state"], "round_to": session.state.round_to})
         partial = meta.get("partial")
         session.print(f"resumed from {resume} after stage {session.state.stage}")
     ended = resume if resume is not None and partial is None and session.state.stage >= stage.index else None

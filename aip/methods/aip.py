@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from aip import checkpoint as ckpt
+from aip.accel import plain_forward
 from aip.config import Config
 from aip.methods.recovery import (
     Stage,
@@ -58,13 +59,20 @@ def on_main(session: Session, measure: Callable[[], Any]) -> Any:
     return box[0]
 
 
-def round_to(session: Session) -> int:
+def round_to(session: Session, saved: dict[str, Any] | None = None) -> int:
     """`prune.round_to` as a number: `auto` becomes the main process's device's channel block (logged), which every
-    process then uses, so that all prune the same channels."""
+    process then uses, so that all prune the same channels. A run that goes on from a checkpoint (`saved`, its run
+    state) keeps the value it started with, whatever machine it resumes on: its widths lie on that grid."""
     value = session.cfg.prune.round_to
     if value != "auto":
         return value or 1
-    found, source = on_main(session, lambda: device_round_to(session.accelerator.device))
+    kept = (saved or {}).get("round_to")
+    kept = kept or next((e["round_to"] for e in (saved or {}).get("pruning_log", []) if e.get("round_to")), None)
+    if kept is not None:
+        found, source = int(kept), "kept from the run's start"
+    else:
+        found, source = on_main(session, lambda: device_round_to(session.accelerator.device))
+    session.state.round_to = found
     session.print(f"prune.round_to auto: {found} ({source})")
     return found
 
@@ -73,7 +81,8 @@ def latency_ms(session: Session, model: nn.Module, teacher: nn.Module, teacher_m
     """The model's latency in milliseconds at data.batch_size on the run's device (eval mode, median of repeats):
     its ratio to the teacher's, the two timed in turns, times the teacher's latency measured at the start."""
     inputs, student = _batch(session), session.accelerator.unwrap_model(model)
-    return teacher_ms * on_main(session, lambda: relative_latency(student, teacher, inputs))
+    with plain_forward(student):  # the teacher is never prepared: both are timed in their own (fp32) precision
+        return teacher_ms * on_main(session, lambda: relative_latency(student, teacher, inputs))
 
 
 def latency_table(
@@ -196,8 +205,10 @@ def run_aip(session: Session, resume: Path | None = None, branch: Path | None = 
     acc.wait_for_everyone()
     teacher = load_teacher(session, source_run)
     student = copy.deepcopy(teacher).requires_grad_(True).train()
+    history, meta = ckpt.read(source) if source is not None else ([], {})
     prunable, example, ignored = session.task.prunable(student, session.example.to(acc.device))
-    pruner = ChannelPruner(prunable, example, ignored, cfg.prune.max_layer_ratio, round_to(session))
+    grid = round_to(session, meta.get("state"))
+    pruner = ChannelPruner(prunable, example, ignored, cfg.prune.max_layer_ratio, grid)
     taps = tap_names(session, student)
     disc = discriminator(session, taps)
     base: dict[str, float] = dict(session.cost(student))
@@ -210,9 +221,8 @@ def run_aip(session: Session, resume: Path | None = None, branch: Path | None = 
 
     partial = None
     if source is not None:
-        history, meta = ckpt.read(source)
         pruner.replay(history)
-        session.state = RunState(**meta["state"])
+        session.state = RunState(**{**meta["state"], "round_to": session.state.round_to})
         partial = meta.get("partial") if resume is not None else None
         if branch is not None:  # weights only; a new run with its own schedule from the next stage on
             student.load_state_dict(load_file(str(source / ckpt.STATE_DIR / "model.safetensors")))
@@ -235,7 +245,8 @@ def run_aip(session: Session, resume: Path | None = None, branch: Path | None = 
         student = acc.unwrap_model(student)
         resuming_here = partial is not None and partial["stage"] == stage.index
         if stage.target is not None and not resuming_here:
-            prune_stage(session, stage, pruner, base, metric, teacher, curves)
+            with plain_forward(student):  # ranked, verified and timed in fp32, as the teacher and the export are
+                prune_stage(session, stage, pruner, base, metric, teacher, curves)
         prepared_student = recover(
             session,
             stage,

@@ -50,7 +50,7 @@ def train_supervised(session: Session, model: nn.Module, epochs: int, tag: str) 
                 metrics = session.metrics(model, val)
                 session.log({f"{tag}/{k}": v for k, v in metrics.items()}, epoch + 1)
                 session.print(f"{tag} epoch {epoch + 1}/{epochs}: {session.task.describe(metrics)}")
-    model = acc.unwrap_model(model)
+    model = acc.unwrap_model(model)  # a teacher computes in fp32 whether trained or loaded
     acc.free_memory()
     return model
 
