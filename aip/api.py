@@ -12,11 +12,16 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from aip.config import Config, ConfigError
+from aip.batches import memory_source
+from aip.config import Config, ConfigError, config_from_dict
 from aip.config import load_config as _load_config
 from aip.data import DataBundle, eval_view
+from aip.images import DataError
 from aip.runner import execute, resolve
 from aip.session import output_classes
+
+SHAPES_ALL = 1024  # user data sets up to this many samples have every image's shape checked before the run
+SHAPES_SPREAD = 256  # larger ones: this many samples, spread evenly; `SameShape` checks the others as they are read
 
 
 @dataclass
@@ -34,12 +39,13 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
     return _load_config(path, overrides)
 
 
-def _first_sample(data: Dataset, what: str) -> torch.Tensor:
-    """The first image of `data`, checked to be an (image, label) pair with a (C, H, W) tensor image."""
+def _sample(data: Dataset, index: int, what: str) -> torch.Tensor:
+    """The image of sample `index` of `data`, checked to be part of an (image, label) pair, a (C, H, W) tensor."""
+    where = "its first sample" if index == 0 else f"sample {index}"
     try:
-        sample = data[0]
+        sample = data[index]
     except Exception as exc:
-        raise ConfigError(f"{what}: its first sample cannot be read ({type(exc).__name__}: {exc})") from None
+        raise ConfigError(f"{what}: {where} cannot be read ({type(exc).__name__}: {exc})") from None
     if not (isinstance(sample, (tuple, list)) and len(sample) == 2 and torch.is_tensor(sample[0])):
         raise ConfigError(f"{what}: samples must be (image, label) pairs with a tensor image, got {type(sample)}")
     if sample[0].dim() != 3:
@@ -47,13 +53,82 @@ def _first_sample(data: Dataset, what: str) -> torch.Tensor:
     return sample[0]
 
 
+def _first_sample(data: Dataset, what: str) -> torch.Tensor:
+    """The first image of `data`, checked to be an (image, label) pair with a (C, H, W) tensor image."""
+    return _sample(data, 0, what)
+
+
+def _differs(what: str, index: int, shape: tuple[int, ...], first: tuple[int, ...]) -> str:
+    """The one line for an image whose shape is not the set's first image's."""
+    return (
+        f"{what}: sample {index} is a {shape} image, sample 0 a {first} one; batches need images of one size "
+        "(resize or crop them in the data set)"
+    )
+
+
+def _checked_indices(count: int) -> list[int]:
+    """Every index of a set of up to SHAPES_ALL samples, else SHAPES_SPREAD spread evenly from the first to the last."""
+    if count <= SHAPES_ALL:
+        return list(range(count))
+    step = (count - 1) / (SHAPES_SPREAD - 1)
+    return sorted({round(i * step) for i in range(SHAPES_SPREAD)})
+
+
+def image_shape(data: Dataset, what: str) -> tuple[int, ...]:
+    """The one image shape of `data`, checked before any work on the samples `_checked_indices` names (an in-memory
+    uint8 set holds one shape by construction: its first sample alone); `SameShape` checks the rest as they are read.
+    """
+    first = tuple(_first_sample(data, what).shape)
+    if memory_source(data) is not None:
+        return first
+    try:
+        count = len(data)
+    except TypeError:
+        raise ConfigError(f"{what}: must be a Dataset with a length (map-style), got {type(data).__name__}") from None
+    for index in _checked_indices(count)[1:]:
+        shape = tuple(_sample(data, index, what).shape)
+        if shape != first:
+            raise ConfigError(_differs(what, index, shape, first))
+    return first
+
+
+class SameShape(Dataset):
+    """A user's data set whose images are checked, as they are read, to have the shape the run was built for: one
+    of another size would otherwise stop the run as a DataLoader collation traceback."""
+
+    def __init__(self, dataset: Dataset, shape: tuple[int, ...], what: str) -> None:
+        self.dataset, self.shape, self.what = dataset, shape, what
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, index: int) -> Any:
+        sample = self.dataset[index]
+        shape = tuple(sample[0].shape)
+        if shape != self.shape:
+            raise DataError(_differs(self.what, index, shape, self.shape))
+        return sample
+
+
+def _same_shape(data: Dataset, shape: tuple[int, ...], what: str) -> Dataset:
+    """`data` checked as it is read (`SameShape`), unless it is held in memory as one tensor."""
+    return data if memory_source(data) is not None else SameShape(data, shape, what)
+
+
 def data_bundle(train: Dataset, val: Dataset, num_classes: int | None, fallback_classes: int) -> DataBundle:
     """User data sets as the trainer's bundle: the input shape from the first sample, the class count given
-    (the model's) or else `fallback_classes` (the config's data.num_classes)."""
-    example = _first_sample(train, "train_data")
-    _first_sample(val, "val_data")
+    (the model's) or else `fallback_classes` (the config's data.num_classes). Each set's images must share a shape
+    (`image_shape`)."""
+    shape, val_shape = image_shape(train, "train_data"), image_shape(val, "val_data")
     classes = num_classes if num_classes is not None else fallback_classes
-    return DataBundle(train, val, classes, tuple(example.shape), train_eval=eval_view(train, val))
+    view = eval_view(train, val)
+    return DataBundle(
+        _same_shape(train, shape, "train_data"),
+        _same_shape(val, val_shape, "val_data"),
+        classes,
+        shape,
+        train_eval=_same_shape(view, shape, "train_data"),
+    )
 
 
 def run(
@@ -73,8 +148,8 @@ def run(
     normalisation is added). `out`: the run directory (None: runs/<name>-<time>); one that already holds a run stops
     with an error unless `resume` ("auto" or a run directory / stage checkpoint: go on with it, which must have
     the same config) or `overwrite` (empty it first)."""
-    if not isinstance(cfg, Config):
-        cfg = load_config(cfg)
+    # A Config object may have been changed since it was loaded: its types and values are checked again.
+    cfg = load_config(cfg) if not isinstance(cfg, Config) else config_from_dict(cfg.to_dict())
     if (train_data is None) != (val_data is None):
         raise ConfigError("train_data and val_data: give both data sets, or neither for the config's data")
     if resume is not None and overwrite:

@@ -17,7 +17,7 @@ from aip.models.user import is_import_path
 from aip.prune.importance import IMPORTANCES
 from aip.registry import UnknownNameError
 from aip.tasks.detection.data import DETECTION_DATASETS
-from aip.tasks.detection.datasets import build_detection_data  # noqa: F401  (registers the detection data sets)
+from aip.tasks.detection.datasets import build_detection_data, check_detection_data  # noqa: F401  (registers them)
 from aip.tasks.detection.models import DETECTORS
 
 # Criteria that rank by likeness rather than saliency: not allowed as the hybrid's saliency half.
@@ -44,6 +44,8 @@ def check_names(cfg: Config, dataset: bool = True) -> None:
     check_trackers(cfg)
     if dataset and cfg.task == "classification":
         DATASETS.get(cfg.data.name).validate(cfg.data)
+    if dataset and cfg.task == "detection":
+        check_detection_data(cfg.data)
 
 
 def check_classification_names(cfg: Config) -> None:

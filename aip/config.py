@@ -1,4 +1,4 @@
-"""Run configuration: YAML loading, dotted overrides, coercion and validation with one-line errors.
+"""Run configuration: loading (the YAML side: `aip.config_yaml`), coercion and validation with one-line errors.
 
 The sections and keys, with each key's default and one-line meaning, are the dataclasses of `aip.schema` (re-exported
 here); anything else is refused before any work starts, with the key and what is allowed. This module imports no
@@ -19,6 +19,8 @@ from typing import Any
 
 import yaml
 
+from aip.config_yaml import merge, read_recipe
+from aip.config_yaml import parse_overrides as parse_overrides  # re-exported: it lived here
 from aip.errors import ConfigError as ConfigError  # re-exported: it lived here before aip/errors.py
 
 # The sections and keys, re-exported: they lived here before aip/schema.py.
@@ -79,6 +81,8 @@ def _describe(tp: Any) -> str:
         return f"a mapping of {_describe(key)} to {_describe(value)}"
     if tp is Any:
         return "any value"
+    if dataclasses.is_dataclass(tp):
+        return "a mapping of keys"
     return {type(None): "null", str: "a string", int: "an integer", float: "a number", bool: "true/false"}.get(
         tp, getattr(tp, "__name__", str(tp))
     )
@@ -141,34 +145,6 @@ def _build(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
     return cls(**kwargs)
 
 
-def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for k, v in extra.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
-
-
-def parse_overrides(items: list[str]) -> dict[str, Any]:
-    """Turn `["train.lr=0.05", "prune.intervals=4"]` into a nested dict; values are parsed as YAML scalars."""
-    out: dict[str, Any] = {}
-    for item in items:
-        if "=" not in item:
-            raise ConfigError(f"--set {item!r}: expected key=value, for example train.lr=0.05")
-        key, raw = item.split("=", 1)
-        try:
-            value = yaml.safe_load(raw) if raw != "" else None
-        except yaml.YAMLError:
-            value = raw
-        node = out
-        parts = key.strip().split(".")
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"--set {item!r}: {part!r} is set both as a value and as a section")
-        node[parts[-1]] = value
-    return out
-
-
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> Config:
     """Read a YAML file (or start from defaults), apply dotted overrides, then validate the values.
 
@@ -176,19 +152,9 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
     data: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"--config {str(path)!r}: no such file; the recipes are in configs/")
-        try:
-            loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
-        except UnicodeDecodeError as exc:
-            raise ConfigError(f"--config {str(path)!r}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"--config {str(path)!r}: not valid YAML ({' '.join(str(exc).split())})") from None
-        if loaded is not None and not isinstance(loaded, dict):
-            raise ConfigError(f"--config {str(path)!r}: the top level must be a mapping of sections")
-        data = loaded or {}
+        data = read_recipe(path)
         data.setdefault("name", path.stem)
-    return config_from_dict(_merge(data, parse_overrides(overrides or [])))
+    return config_from_dict(merge(data, parse_overrides(overrides or [])))
 
 
 def config_from_dict(data: dict[str, Any]) -> Config:

@@ -48,15 +48,21 @@ def load_image(path: str) -> Image.Image:
 
 
 def tree_key(root: Path) -> str:
-    """A digest of the tree's absolute path and every file's relative path, size and modification time."""
+    """A digest of the tree's absolute path and every file's relative path, size and modification time; a file that
+    cannot be read (a broken link) is a DataError naming it."""
     root = Path(root).resolve()
     digest = hashlib.sha256(str(root).encode())
     entries = []
     for folder, dirs, files in os.walk(root):
         dirs.sort()
         for name in files:
-            stat = os.stat(os.path.join(folder, name))
-            rel = os.path.relpath(os.path.join(folder, name), root)
+            file = os.path.join(folder, name)
+            try:
+                stat = os.stat(file)
+            except OSError as exc:  # a broken symbolic link, a file removed meanwhile, no permission
+                reason = exc.strerror or type(exc).__name__
+                raise DataError(f"cannot read {file!r} ({reason}: a broken link?); replace or remove it") from None
+            rel = os.path.relpath(file, root)
             entries.append(f"{rel}\0{stat.st_size}\0{stat.st_mtime_ns}")
     digest.update("\n".join(sorted(entries)).encode())
     return digest.hexdigest()[:16]

@@ -73,6 +73,26 @@ def output_classes(model: nn.Module, example: torch.Tensor) -> int:
     return int(out.shape[1])
 
 
+def trains(cfg: Config, teacher_given: bool) -> bool:
+    """Whether the run has a training phase: supervised epochs, a teacher to train, or recovery epochs."""
+    if cfg.mode == "train":
+        return cfg.train.epochs > 0
+    if cfg.mode == "eval":
+        return False
+    recovery = cfg.prune.finetune_epochs > 0 or (cfg.mode == "aip" and cfg.prune.epochs_between > 0)
+    return recovery or (cfg.train.teacher_epochs > 0 and not teacher_given)
+
+
+def check_batches(cfg: Config, samples: int, teacher_given: bool) -> None:
+    """A training set smaller than one batch would run no optimizer step at all (the loader drops the last, partial
+    batch): refused before any work, for every data source."""
+    if trains(cfg, teacher_given) and samples < cfg.data.batch_size:
+        raise ConfigError(
+            f"data: the training set has {samples} samples, fewer than one batch (data.batch_size="
+            f"{cfg.data.batch_size}), so no optimizer step would run; lower data.batch_size or give more training data"
+        )
+
+
 def _tracker_config(cfg: Config) -> dict[str, Any]:
     """The config as flat scalars, what every tracker's hyperparameter store takes."""
     out: dict[str, Any] = {}
@@ -123,6 +143,7 @@ class Session:
         self.task = task_for(cfg)
         self.data: DataBundle = data if data is not None else self.task.build_data(cfg)
         self.example = self.task.example(self.data)
+        check_batches(cfg, len(self.data.train), model is not None or cfg.model.teacher_checkpoint is not None)
         self.model = copy.deepcopy(model) if model is not None else None
         given = model is not None and self.task.name == "classification"  # a detector's classes are not probed
         classes = output_classes(model, self.example[0]) if given else self.data.num_classes

@@ -4,10 +4,10 @@
 
 Every variant is arm d_aip of benchmarks/quality.py (published teacher, lossless CIFAR-10, the same subset, epochs,
 data order and seeds) with one setting changed; the baseline is d_aip itself, whose runs the quality benchmark has
-usually cached already (same key: same resolved config, teacher file and aip/ code). For each variant: top-1 per
-seed, mean and std, and the paired difference to d_aip of the same seed (a win or a loss only beyond twice its
-standard error). Variants run in the order below, the likeliest to matter first; the results files are rewritten
-after each one, so a cut-short sitting still reports the variants it finished.
+usually cached already (same key: same resolved config, teacher file, aip/ code and library versions). For each
+variant: top-1 per seed, mean and std, and the paired difference to d_aip of the same seed (a win or a loss only
+beyond twice its standard error). Variants run in the order below, the likeliest to matter first; the results files
+are rewritten after each one, so a cut-short sitting still reports the variants it finished.
 Results: <out>/ablations-t<target>.json and .md.
 """
 

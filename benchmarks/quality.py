@@ -32,9 +32,10 @@ pruned], ...] per seed]}} and <out>/quality-curves.png plots the mean over seeds
 per target).
 
 Caching: each arm runs through aip.train.main in a run directory of its own under --work, named by a hash of the
-arm's fully resolved config (which holds target and seed), the teacher file's hash and the code version
+arm's fully resolved config (which holds target and seed), the teacher file's hash, the code version
 (the git tree of aip/ at HEAD plus a hash of `git diff HEAD -- aip` and of untracked files under aip/, so commits
-that leave aip/ alone keep the cache). A run is reused
+that leave aip/ alone keep the cache) and the installed torch, torchvision and torch-pruning versions (an upgrade
+of any of them runs everything again). A run is reused
 only when its key matches and its report.json is complete; a directory of the same key without a complete report
 is resumed (`--resume auto`), anything else is a new directory, so no number from other code or settings is reused.
 """
@@ -43,6 +44,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import importlib.metadata
 import json
 import math
 import os
@@ -56,6 +58,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 SHARED = REPO.parent / "shared"
 TARGETS = ("0.5", "0.3")
+# The libraries whose version changes the numbers (kernels, pruning, transforms): part of every cache key.
+LIBRARIES = ("torch", "torchvision", "torch-pruning")
 LOSSES = {
     "ce": {"ce": {"weight": 1.0}, "kd": {"weight": 0.0}, "at": {"weight": 0.0}, "adv": {"weight": 0.0}},
     "kd": {"ce": {"weight": 0.7}, "kd": {"weight": 0.3}, "at": {"weight": 0.0}, "adv": {"weight": 0.0}},
@@ -132,10 +136,23 @@ def file_sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+def library_versions() -> dict[str, str]:
+    """The installed version of each of LIBRARIES, as their package metadata says (nothing is imported)."""
+    try:
+        return {name: importlib.metadata.version(name) for name in LIBRARIES}
+    except importlib.metadata.PackageNotFoundError as exc:
+        fail(f"{exc.name} is not installed; pip install -e . first")
+
+
 def cache_key_parts(code: dict, weights: Path) -> dict:
-    """What, besides an arm's config, names its cached run: the aip/ code (not HEAD: other commits keep the cache)
-    and the teacher file. Shared with benchmarks/ablations.py, whose baseline runs are the quality runs."""
-    return {"code": {k: code[k] for k in ("aip_tree", "aip_changes_sha256")}, "teacher_sha256": file_sha256(weights)}
+    """What, besides an arm's config, names its cached run: the aip/ code (not HEAD: other commits keep the cache),
+    the teacher file and the library versions. Shared with benchmarks/ablations.py, whose baseline runs are the
+    quality runs."""
+    return {
+        "code": {k: code[k] for k in ("aip_tree", "aip_changes_sha256")},
+        "teacher_sha256": file_sha256(weights),
+        "libraries": library_versions(),
+    }
 
 
 def find_data(path: str | None) -> Path:
@@ -410,6 +427,7 @@ def main() -> None:
             "platform": platform.platform(),
             "python": platform.python_version(),
             "torch": torch.__version__,
+            "libraries": key_parts["libraries"],
         },
         "code": code,
     }

@@ -2,20 +2,28 @@
 
 from __future__ import annotations
 
+import copy
 import json
+import warnings
 from pathlib import Path
+from types import SimpleNamespace
 
+import pytest
 import torch
+from torch import nn
 
 from aip.config import PruneConfig, SimilarityConfig, SwarmConfig, config_from_dict
 from aip.data import build_data
 from aip.models import classifier_of, create_model
 from aip.prune.cost import model_cost
 from aip.prune.importance import create_importance
-from aip.prune.pruner import ChannelPruner
+from aip.prune.pruner import ChannelPruner, PruningError
 from aip.prune.widths import WidthCost
+from aip.search import fitness
 from aip.search.acp import ParticleSwarm, cluster_channels, dbscan, scale_to_budget
-from aip.search.fitness import channel_responses, cut_to_widths, split_search_data
+from aip.search.fitness import SearchData, channel_responses, cut_to_widths, split_search_data
+from aip.search.widths import search_widths
+from aip.tasks.classification import ClassificationTask
 from aip.train import main
 from tests.conftest import tiny_run
 from tests.test_run import _config, _report
@@ -205,3 +213,73 @@ def test_acp_mode_with_feature_similarity(tmp_path: Path) -> None:
     assert main(["--config", str(_config(tmp_path, **overrides)), "--out", str(run_dir)]) == 0
     log = json.loads((run_dir / "pruning_log.json").read_text())
     assert log[0]["ratio_after"] <= 0.6 and log[0]["evaluations_per_process"] == [4]
+
+
+def _grouped_search(tmp_path: Path) -> tuple[SimpleNamespace, nn.Module, ChannelPruner, SearchData, float]:
+    """A session stand-in (one process, CPU) for an ACP search on toy_grouped: the session, teacher, the student's
+    pruner, the data and a budget of half the FLOPs."""
+    overrides = {
+        "acp": {"holdout_size": 16, "recovery_steps": 1, "calibration_images": 16},
+        "acp.swarm": {"particles": 4, "iterations": 2, "init_spread": 0.5},
+        "data.batch_size": 16,
+    }
+    cfg = config_from_dict(tiny_run(mode="acp", **overrides))
+    torch.manual_seed(0)
+    teacher = create_model("toy_grouped", 4).eval()
+    example = torch.randn(1, 3, 16, 16)
+    student = copy.deepcopy(teacher)
+    pruner = ChannelPruner(student, example, [student.fc], max_layer_ratio=0.9)
+    images = torch.utils.data.TensorDataset(torch.randn(32, 3, 16, 16), torch.randint(0, 4, (32,)))
+    acc = SimpleNamespace(num_processes=1, process_index=0, device=torch.device("cpu"))
+    session = SimpleNamespace(
+        accelerator=acc,
+        cfg=cfg,
+        task=ClassificationTask(),
+        example=example,
+        print=lambda *_: None,
+        log=lambda *_: None,
+        run_dir=tmp_path,
+        main=True,
+    )
+    budget = 0.5 * model_cost(student, example).flops
+    return session, teacher, pruner, SearchData(images, images, images), budget
+
+
+def test_acp_on_grouped_convolutions_keeps_every_candidate_and_the_cut_within_the_budget(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    session, teacher, pruner, data, budget = _grouped_search(tmp_path)
+    cuts = []
+    real_cut = fitness.cut_to_widths
+
+    def cut(candidate: ChannelPruner, widths: dict[str, int], *args: object, **kwargs: object) -> dict[str, int]:
+        reached = real_cut(candidate, widths, *args, **kwargs)
+        cuts.append((dict(widths), candidate.widths(), model_cost(candidate.model, session.example).flops / budget))
+        return reached
+
+    monkeypatch.setattr(fitness, "cut_to_widths", cut)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        best, evaluations = search_widths(session, teacher, pruner, budget, "flops", data)
+    assert evaluations == len(cuts) == 4 * 3
+    assert all(ratio <= 1 + 1e-9 for *_, ratio in cuts), max(ratio for *_, ratio in cuts)
+    assert all(asked == got for asked, got, _ in cuts)  # the widths priced are the widths cut
+    assert all(w % pruner.units[n] == 0 for n, w in best.items()) and max(pruner.units.values()) == 8
+    images, batch = data.calibration, session.cfg.data.batch_size
+    monkeypatch.undo()
+    reached = cut_to_widths(pruner, best, session.cfg.prune, images, batch, torch.device("cpu"), budget=budget)
+    assert reached == best == pruner.widths()
+    assert model_cost(pruner.model, session.example).flops <= budget
+
+
+def test_a_cut_to_widths_off_the_unit_grid_rounds_down_and_an_overshoot_is_an_error() -> None:
+    model = create_model("toy_grouped", 10).eval()
+    example = torch.randn(1, 3, 16, 16)
+    pruner = ChannelPruner(model, example, [model.fc])
+    assert pruner.units["features.1.0"] == 4
+    reached = pruner.prune_to_widths({"features.1.0": 23}, create_importance("l1"))
+    assert model.features[2][0].in_channels == 20  # never wider than asked: 23 channels in units of 4 keep 20
+    assert reached == {"features.1.0": 20}
+    budget = 0.5 * pruner.cost("flops")
+    with pytest.raises(PruningError, match="of the budget"):
+        cut_to_widths(pruner, {"features.1.0": 16}, PruneConfig(), [], 16, torch.device("cpu"), budget=budget)

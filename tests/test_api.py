@@ -16,11 +16,12 @@ from accelerate.state import AcceleratorState, GradientState
 from accelerate.utils import LoggerType
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch import nn
-from torch.utils.data import TensorDataset
+from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
 import aip
-from aip.api import Result
+from aip.api import Result, data_bundle
 from aip.config import TRACKERS, Config, ConfigError, config_from_dict
+from aip.images import DataError
 from aip.rundir import RunDirError
 from aip.session import Session
 from tests.conftest import tiny_run
@@ -194,3 +195,54 @@ def test_the_example_runs_the_same_under_accelerate_launch(tmp_path: Path) -> No
     assert done.returncode == 0, done.stderr[-3000:]
     lines = [line for line in done.stdout.splitlines() if line.startswith('{"teacher"')]
     assert len(lines) == 1 and json.loads(lines[0]) == json.loads((tmp_path / "mine" / "report.json").read_text())
+
+
+class Sized(Dataset):
+    """`count` (image, label) pairs made when read: 12x12 images, 16x16 at the indices in `odd`."""
+
+    def __init__(self, count: int, odd: tuple[int, ...] = ()) -> None:
+        self.count, self.odd = count, odd
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        size = 16 if index in self.odd else 12
+        return torch.full((3, size, size), index / self.count), index % CLASSES
+
+
+def test_images_of_mixed_sizes_are_refused_before_any_work(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as info:
+        aip.run(_cfg(), teacher=UserNet(), train_data=Sized(64, odd=(37,)), val_data=Sized(32), out=tmp_path / "a")
+    assert str(info.value).startswith("train_data: sample 37 is a (3, 16, 16) image, sample 0 a (3, 12, 12) one")
+    with pytest.raises(ConfigError, match=r"^val_data: sample 31 is a \(3, 16, 16\) image"):
+        aip.run(_cfg(), teacher=UserNet(), train_data=Sized(64), val_data=Sized(32, odd=(31,)), out=tmp_path / "b")
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_an_odd_image_past_the_checked_ones_stops_as_it_is_read(tmp_path: Path) -> None:
+    """A large set is checked on an even spread of its samples; an unchecked odd image is one line when read."""
+    bundle = data_bundle(Sized(5000, odd=(10,)), Sized(32), CLASSES, CLASSES)  # sample 10 is not in the spread
+    assert bundle.input_shape == (3, 12, 12) and len(bundle.train) == 5000
+    loader = DataLoader(Subset(bundle.train, range(8, 12)), batch_size=4, num_workers=1)
+    with pytest.raises(DataError) as info:
+        next(iter(loader))
+    assert str(info.value).startswith("train_data: sample 10 is a (3, 16, 16) image, sample 0 a (3, 12, 12) one")
+    assert "\n" not in str(info.value)
+
+
+def test_a_config_changed_after_loading_is_checked_again(tmp_path: Path) -> None:
+    data = {"train_data": _data(64, 1), "val_data": _data(32, 2)}
+    changed = _cfg()
+    changed.prune.target_flops_ratio = "half"
+    with pytest.raises(ConfigError, match=r"^prune.target_flops_ratio: expected a number or null, got 'half'$"):
+        aip.run(changed, teacher=UserNet(), out=tmp_path / "a", **data)
+    changed = _cfg()
+    changed.train.lr = float("nan")
+    with pytest.raises(ConfigError, match="^train.lr: must be a finite number, got nan$"):
+        aip.run(changed, teacher=UserNet(), out=tmp_path / "b", **data)
+    changed = _cfg()
+    changed.disc.hidden = [16, 0]
+    with pytest.raises(ConfigError, match=r"^disc.hidden: a non-empty list of positive widths, got \[16, 0\]$"):
+        aip.run(changed, teacher=UserNet(), out=tmp_path / "c", **data)
+    assert not any((tmp_path / name).exists() for name in "abc")

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
+import math
 from pathlib import Path
 
 import pytest
+import torch
+from safetensors.torch import save_file
 
 from aip import checkpoint as ckpt
 from aip.report import write_report
@@ -16,7 +20,7 @@ def _write(run_dir: Path, stage: int, payload: bytes = b"weights") -> Path:
     tmp = ckpt.begin(run_dir, stage)
     (tmp / ckpt.STATE_DIR).mkdir()
     (tmp / ckpt.STATE_DIR / "model.safetensors").write_bytes(payload * 100)
-    return ckpt.commit(tmp, run_dir, stage, [["conv", True, [1, 2]]], {"stage": stage})
+    return ckpt.commit(tmp, run_dir, stage, [["conv", True, [1, 2]]], {"stage": stage, "state": {"stage": stage}})
 
 
 def test_commit_writes_a_verified_checkpoint_and_no_temporary_is_left(tmp_path: Path) -> None:
@@ -24,7 +28,7 @@ def test_commit_writes_a_verified_checkpoint_and_no_temporary_is_left(tmp_path: 
     assert path == tmp_path / "checkpoints" / "stage-01"
     assert ckpt.verify(path) is None
     history, meta = ckpt.read(path)
-    assert history == [["conv", True, [1, 2]]] and meta == {"stage": 1}
+    assert history == [["conv", True, [1, 2]]] and meta == {"stage": 1, "state": {"stage": 1}}
     assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["stage-01"]
 
 
@@ -78,7 +82,8 @@ def _write_step(run_dir: Path, stage: int, step: int) -> Path:
     tmp = ckpt.begin(run_dir, stage, step)
     (tmp / ckpt.STATE_DIR).mkdir()
     (tmp / ckpt.STATE_DIR / "model.safetensors").write_bytes(b"mid-stage" * 100)
-    return ckpt.commit(tmp, run_dir, stage, [], {"stage": stage - 1, "partial": {"stage": stage}}, step)
+    meta = {"stage": stage, "state": {"stage": stage - 1}, "partial": {"stage": stage, "epoch": 0, "batch": 1}}
+    return ckpt.commit(tmp, run_dir, stage, [], meta, step)
 
 
 def test_a_completed_stage_wins_over_its_mid_stage_checkpoints(tmp_path: Path) -> None:
@@ -169,3 +174,141 @@ def test_a_failed_write_leaves_no_temporary_and_names_the_last_good_checkpoint(t
         )
     )
     assert not ckpt.is_write_failure(RuntimeError("size mismatch for conv1.weight"))
+
+
+def _write_tensors(run_dir: Path, stage: int, tensors: dict[str, torch.Tensor] | None = None) -> Path:
+    """A stage-end checkpoint whose weights are a real safetensors file."""
+    tmp = ckpt.begin(run_dir, stage)
+    (tmp / ckpt.STATE_DIR).mkdir()
+    tensors = tensors or {"conv.weight": torch.ones(4, 3, 3, 3), "bn.num_batches_tracked": torch.tensor(3)}
+    save_file(tensors, str(tmp / ckpt.STATE_DIR / "model.safetensors"))
+    return ckpt.commit(tmp, run_dir, stage, [["conv", True, [1]]], {"stage": stage, "state": {"stage": stage}})
+
+
+def test_commit_records_the_architecture_of_the_weights_and_their_history(tmp_path: Path) -> None:
+    path = _write_tensors(tmp_path, 1)
+    record = json.loads((path / ckpt.ARCHITECTURE).read_text())
+    assert record["tensors"] == {
+        "state/model.safetensors": {"bn.num_batches_tracked": ["I64", []], "conv.weight": ["F32", [4, 3, 3, 3]]}
+    }
+    assert record["history_sha256"] == hashlib.sha256((path / "history.json").read_bytes()).hexdigest()
+    assert ckpt.ARCHITECTURE in json.loads((path / ckpt.MANIFEST).read_text())
+    assert ckpt.verify(path) is None
+
+
+def _save(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    save_file(tensors, str(path / ckpt.STATE_DIR / "model.safetensors"))
+
+
+REHASHED = {  # weights rewritten and the manifest re-recorded, as a tool would: the checksums all match
+    "nan": (
+        lambda p: _save(
+            p, {"conv.weight": torch.full((4, 3, 3, 3), math.nan), "bn.num_batches_tracked": torch.tensor(3)}
+        ),
+        "state/model.safetensors: conv.weight holds NaN or infinite values",
+    ),
+    "inf": (
+        lambda p: _save(p, {"conv.weight": torch.ones(4, 3, 3, 3) / 0, "bn.num_batches_tracked": torch.tensor(3)}),
+        "conv.weight holds NaN or infinite values",
+    ),
+    "shape": (
+        lambda p: _save(p, {"conv.weight": torch.ones(5, 3, 3, 3), "bn.num_batches_tracked": torch.tensor(3)}),
+        "conv.weight is F32 [5, 3, 3, 3], the architecture has F32 [4, 3, 3, 3]",
+    ),
+    "dtype": (
+        lambda p: _save(p, {"conv.weight": torch.ones(4, 3, 3, 3).half(), "bn.num_batches_tracked": torch.tensor(3)}),
+        "conv.weight is F16 [4, 3, 3, 3], the architecture has F32",
+    ),
+    "missing_tensor": (
+        lambda p: _save(p, {"conv.weight": torch.ones(4, 3, 3, 3)}),
+        "bn.num_batches_tracked is missing",
+    ),
+    "extra_tensor": (
+        lambda p: _save(
+            p, {"conv.weight": torch.ones(4, 3, 3, 3), "bn.num_batches_tracked": torch.tensor(3), "x": torch.ones(1)}
+        ),
+        "x is not in the recorded architecture",
+    ),
+    "garbage": (
+        lambda p: (p / ckpt.STATE_DIR / "model.safetensors").write_bytes(b"\x10" + b"\x00" * 7 + b"{}"),
+        "state/model.safetensors is not a readable safetensors file",
+    ),
+    "history": (
+        lambda p: (p / "history.json").write_text('[["conv", true, [1, 2]]]'),
+        "history.json is not the pruning history the weights were saved with",
+    ),
+    "record": (lambda p: (p / ckpt.ARCHITECTURE).write_text("[]"), "architecture.json is malformed"),
+}
+
+
+@pytest.mark.parametrize("case", list(REHASHED))
+def test_rehashed_weights_of_another_architecture_or_not_finite_are_damaged(tmp_path: Path, case: str) -> None:
+    change, reason = REHASHED[case]
+    _write_tensors(tmp_path, 1)
+    newest = _write_tensors(tmp_path, 2)
+    change(newest)
+    ckpt.write_manifest(newest)
+    assert reason in ckpt.verify(newest)
+    with pytest.warns(UserWarning, match="stage-02"):
+        assert ckpt.latest_valid(tmp_path) == ckpt.stage_dir(tmp_path, 1)
+    with pytest.raises(ckpt.CheckpointError, match="damaged"):
+        ckpt.read(newest)
+
+
+def test_a_checkpoint_without_architecture_record_is_still_checked_for_finite_readable_weights(tmp_path: Path) -> None:
+    """Checkpoints written before the record existed resume as before, but never with non-finite weights."""
+    path = _write_tensors(tmp_path, 1)
+    (path / ckpt.ARCHITECTURE).unlink()
+    ckpt.write_manifest(path)
+    assert ckpt.verify(path) is None
+    _save(path, {"conv.weight": torch.tensor([1.0, math.inf])})
+    ckpt.write_manifest(path)
+    assert ckpt.verify(path) == "state/model.safetensors: conv.weight holds NaN or infinite values"
+
+
+def test_a_file_the_manifest_does_not_list_or_a_path_outside_the_checkpoint_is_damage(tmp_path: Path) -> None:
+    path = _write(tmp_path, 1)
+    (path / ckpt.STATE_DIR / "optimizer.bin").write_bytes(b"written after the manifest")
+    assert ckpt.verify(path) == "state/optimizer.bin is not in the manifest"
+    ckpt.write_manifest(path)
+    assert ckpt.verify(path) is None
+    manifest = json.loads((path / ckpt.MANIFEST).read_text())
+    manifest["../../config.yaml"] = {"size": 1, "sha256": "00"}
+    (path / ckpt.MANIFEST).write_text(json.dumps(manifest))
+    assert "manifest is malformed" in ckpt.verify(path)
+
+
+END = {"stage": 2, "state": {"stage": 2}}
+MID = {"stage": 2, "state": {"stage": 1}, "partial": {"stage": 2, "epoch": 0, "batch": 3}}
+
+
+def _write_meta(run_dir: Path, step: int | None, meta: dict) -> Path:
+    tmp = ckpt.begin(run_dir, 2, step)
+    (tmp / ckpt.STATE_DIR).mkdir()
+    (tmp / ckpt.STATE_DIR / "model.safetensors").write_bytes(b"weights")
+    return ckpt.commit(tmp, run_dir, 2, [], meta, step)
+
+
+@pytest.mark.parametrize(
+    ("step", "meta", "reason"),
+    [
+        (None, {**END, "stage": 3}, "meta.json says stage 3, the checkpoint is of stage 2"),
+        (None, {**END, "state": {"stage": 1}}, "meta.json says 1 stage(s) completed, in a checkpoint at the end of"),
+        (None, {**END, "partial": MID["partial"]}, "meta.json has a mid-stage position at a stage end"),
+        (None, {"stage": 2}, "meta.json is malformed"),
+        (None, {**END, "stage": "2"}, "meta.json is malformed"),
+        (40, {**MID, "partial": {"stage": 3, "epoch": 0, "batch": 3}}, "meta.json says stage 3, the checkpoint is of"),
+        (40, {**MID, "state": {"stage": 2}}, "meta.json says 2 stage(s) completed, in a checkpoint inside stage 2"),
+        (40, {**MID, "partial": {"stage": 2}}, "meta.json is malformed (a mid-stage position needs"),
+        (40, END, "meta.json has no mid-stage position"),
+    ],
+)
+def test_meta_that_contradicts_the_checkpoint_s_name_is_damage(
+    tmp_path: Path, step: int | None, meta: dict, reason: str
+) -> None:
+    _write(tmp_path, 1)
+    newest = _write_meta(tmp_path, step, meta)
+    assert reason in ckpt.verify(newest)
+    with pytest.warns(UserWarning, match=newest.name):
+        assert ckpt.latest_valid(tmp_path) == ckpt.stage_dir(tmp_path, 1)
+    assert ckpt.verify(_write_meta(tmp_path, step, MID if step else END)) is None  # the same with its own meta

@@ -129,3 +129,71 @@ def test_a_config_file_that_is_not_utf8_is_one_line(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as info:
         load_config(path)
     assert "not UTF-8 text" in str(info.value) and "latin1.yaml" in str(info.value)
+
+
+@pytest.mark.parametrize("overrides", [[], ["train.lr=0.1"], ["train={lr: 0.1}"]])
+def test_a_section_given_as_a_scalar_is_refused_with_or_without_set(tmp_path: Path, overrides: list[str]) -> None:
+    path = tmp_path / "exp.yaml"
+    path.write_text("train: 5\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path, overrides)
+    assert str(info.value) == "train: expected a mapping of keys, got 5"
+    path.write_text("prune:\n  hybrid: fast\n")
+    with pytest.raises(ConfigError, match="^prune.hybrid: expected a mapping of keys, got 'fast'$"):
+        load_config(path, ["prune.hybrid.switch_fraction=0.4"])
+    with pytest.raises(ConfigError, match="^train: expected a mapping of keys, got 5$"):
+        load_config(None, ["train=5"])
+
+
+@pytest.mark.parametrize(
+    ("text", "fragment"),
+    [
+        ("train:\n  lr: 0.1\n  epochs: 2\n  lr: 0.2\n", "duplicate key 'lr' at line 4 (first at line 2)"),
+        ("train: {lr: 0.1}\nseed: 1\ntrain: {epochs: 2}\n", "duplicate key 'train' at line 3 (first at line 1)"),
+        ("model:\n  checkpoint_rename: {a.: b., a.: c.}\n", "duplicate key 'a.' at line 2 (first at line 2)"),
+    ],
+    ids=["in-a-section", "a-section", "in-a-flow-mapping"],
+)
+def test_duplicate_keys_are_refused_naming_the_key_and_line(tmp_path: Path, text: str, fragment: str) -> None:
+    path = tmp_path / "dup.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert str(info.value) == f"--config {str(path)!r}: {fragment}; give it once"
+    with pytest.raises(ConfigError, match=r"^--set 'model.kwargs=\{a: 1, a: 2\}': duplicate key 'a' at line 1"):
+        load_config(None, ["model.kwargs={a: 1, a: 2}"])
+
+
+def test_yaml_merge_keys_may_still_be_overridden(tmp_path: Path) -> None:
+    path = tmp_path / "anchors.yaml"
+    path.write_text("train: &base {lr: 0.1, epochs: 3}\ndisc:\n  lr: 0.2\nloss:\n  kd: {weight: 0.5, temperature: 2}\n")
+    assert load_config(path).train.lr == 0.1
+    path.write_text("train: {<<: {lr: 0.1, epochs: 3}, lr: 0.2}\n")
+    cfg = load_config(path)
+    assert cfg.train.lr == 0.2 and cfg.train.epochs == 3
+
+
+def test_a_whole_mapping_set_replaces_it_and_dotted_keys_merge_into_it(tmp_path: Path) -> None:
+    path = tmp_path / "det.yaml"
+    path.write_text(
+        "task: detection\ndata:\n  options: {val_size: 50, max_objects: 3}\n"
+        "model:\n  checkpoint_rename: {.downsample.: .shortcut., bn: norm}\n  kwargs: {a: {b: 1, c: 2}}\n"
+    )
+    cfg = load_config(path, ["data.options={max_objects: 2}", "model.checkpoint_rename={}", "model.kwargs={a: {b: 5}}"])
+    assert cfg.data.options == {"max_objects": 2}
+    assert cfg.model.checkpoint_rename == {} and cfg.model.kwargs == {"a": {"b": 5}}
+    dotted = ["data.options.max_objects=2", "model.checkpoint_rename.bn=batchnorm", "model.kwargs.a.b=5"]
+    cfg = load_config(path, dotted)
+    assert cfg.data.options == {"val_size": 50, "max_objects": 2}
+    assert cfg.model.checkpoint_rename == {".downsample.": ".shortcut.", "bn": "batchnorm"}
+    assert cfg.model.kwargs == {"a": {"b": 5, "c": 2}}
+    cfg = load_config(path, ["model={kwargs: {d: 1}}", "train={lr: 0.01}"])  # a section merges, its mappings replace
+    assert cfg.model.kwargs == {"d": 1} and cfg.model.checkpoint_rename == {".downsample.": ".shortcut.", "bn": "norm"}
+    assert cfg.train.lr == 0.01 and cfg.train.epochs == 10
+
+
+@pytest.mark.parametrize("recipe", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.stem)
+def test_every_recipe_round_trips_through_to_dict(recipe: Path) -> None:
+    """What `aip.run` re-checks a Config object by: its dict gives the same Config back."""
+    cfg = load_config(recipe)
+    assert config_from_dict(cfg.to_dict()) == cfg

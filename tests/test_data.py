@@ -340,3 +340,18 @@ def test_a_damaged_image_in_a_loader_worker_is_one_line(tmp_path: Path) -> None:
     with pytest.raises(DataError) as info:
         list(loader)
     assert str(info.value).startswith(f"cannot decode image {str(bad)!r}") and "Traceback" not in str(info.value)
+
+
+def test_a_broken_link_in_a_cifar10_tree_names_the_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("AIP_CACHE_DIR", str(tmp_path / "cache"))
+    root = tmp_path / "cifar"
+    _write_tree(root, "train", ["cat", "dog"], 2)
+    _write_tree(root, "test", ["cat", "dog"], 1)
+    link = root / "train" / "dog" / "2.png"
+    link.symlink_to(tmp_path / "moved-away.png")
+    cfg = DataConfig(name="cifar10", root=str(root), augment=False)
+    DATASETS.get("cifar10").validate(cfg)
+    with pytest.raises(DataError) as info:
+        build_data(cfg)
+    assert str(info.value).startswith(f"cannot read {str(link)!r} (No such file or directory: a broken link?)")
+    assert "\n" not in str(info.value)

@@ -210,3 +210,52 @@ def test_wrong_roots_and_options_are_one_line_errors(
     with pytest.raises(ConfigError, match=message.replace("(", r"\(")) as info:
         build_detection_data(name, None if root is None else root.format(tmp=tmp_path), **options)
     assert "\n" not in str(info.value)
+
+
+def _pennfudan(root: Path, count: int) -> Path:
+    """A Penn-Fudan layout of `count` small images, each with one pedestrian in its mask (no annotation files)."""
+    for sub in ("PNGImages", "PedMasks", "Annotation"):
+        (root / sub).mkdir(parents=True)
+    for i in range(count):
+        _write(torch.full((3, 20, 24), 10 * i, dtype=torch.uint8), root / "PNGImages" / f"P{i:02d}.png")
+        mask = torch.zeros(20, 24, dtype=torch.uint8)
+        mask[2:18, i % 10 : i % 10 + 6] = 1
+        _write(mask, root / "PedMasks" / f"P{i:02d}_mask.png")
+    return root
+
+
+def _names(dataset: object) -> list[str]:
+    return [r.image.name for r in dataset.records]
+
+
+def test_pennfudan_split_is_the_same_at_every_run_seed(tmp_path: Path) -> None:
+    root = _pennfudan(tmp_path / "PennFudanPed", 12)
+    runs = [build_detection_data("pennfudan", root, seed=seed, val_size=5) for seed in (0, 1, 7)]
+    assert len(set(_names(runs[0].val))) == 5 and not set(_names(runs[0].train)) & set(_names(runs[0].val))
+    for other in runs[1:]:
+        assert _names(other.val) == _names(runs[0].val)  # a teacher of seed 0 never validates on its training images
+        assert _names(other.train) == _names(runs[0].train)
+
+
+def test_synthetic_draws_are_the_same_at_every_run_seed_and_only_the_flips_change() -> None:
+    a, b = (build_detection_data("synthetic", image_size=32, seed=s, train_size=16, val_size=4) for s in (0, 1))
+    for i in range(16):
+        torch.testing.assert_close(a.train.sample(i), b.train.sample(i))
+    torch.testing.assert_close(a.val[0], b.val[0])
+    assert any(not torch.equal(a.train[i][0], b.train[i][0]) for i in range(16))  # augmentation follows the seed
+
+
+def test_train_subset_keeps_the_same_seeded_choice_at_every_run_seed(tmp_path: Path) -> None:
+    root = _pennfudan(tmp_path / "PennFudanPed", 12)
+    full = build_detection_data("pennfudan", root, val_size=4)
+    kept = [build_detection_data("pennfudan", root, seed=seed, subset=5, val_size=4) for seed in (0, 1)]
+    assert len(kept[0].train) == 5 and _names(kept[1].train) == _names(kept[0].train)
+    assert set(_names(kept[0].train)) < set(_names(full.train)) and _names(kept[0].val) == _names(full.val)
+    assert _names(kept[0].train) != _names(full.train)[:5]  # a random choice, not the first five
+    whole = build_detection_data("synthetic", image_size=32, train_size=16, val_size=2)
+    part = build_detection_data("synthetic", image_size=32, seed=3, subset=6, train_size=16, val_size=2)
+    drawn = [whole.train.sample(i)[0] for i in range(16)]
+    picked = [next(i for i, x in enumerate(drawn) if torch.equal(x, part.train.sample(j)[0])) for j in range(6)]
+    assert len(part.train) == 6 and picked == sorted(set(picked)) and picked != list(range(6))
+    part.train.set_epoch(1)
+    assert part.train[0][0].shape == (3, 32, 32)

@@ -274,3 +274,74 @@ def test_truncated_newest_checkpoint_falls_back_to_the_previous_one(teacher: Pat
     assert _report(run_dir) == full
     assert torch.equal(exported_outputs(run_dir), outputs)
     assert ckpt.verify(newest) is None  # rewritten whole, not patched in place
+
+
+def _rank_pid(launcher: subprocess.Popen, rank: int) -> int | None:
+    """The pid of the launched worker process of `rank` (by the RANK its launcher gave it), or None yet."""
+    import psutil
+
+    for child in psutil.Process(launcher.pid).children(recursive=True):
+        try:
+            if child.environ().get("RANK") == str(rank) and TRAIN in child.cmdline():
+                return child.pid
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    return None
+
+
+@pytest.fixture(scope="module")
+def two_process_reference(teacher: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """(config, finished run) of an unbroken two-process run with mid-stage checkpoints every 2 steps."""
+    tmp = tmp_path_factory.mktemp("reference")
+    overrides = {"model.teacher_checkpoint": str(teacher), "prune.epochs_between": 3, "checkpoint.every_n_steps": 2}
+    config = _config(tmp / "c.yaml", **overrides)
+    done = _launch_2proc("--config", str(config), "--out", str(tmp / "run"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    return config, tmp / "run"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("rank", [1, 0])
+def test_sigkill_of_one_rank_ends_the_whole_job_and_resume_finishes(
+    rank: int, two_process_reference: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """SIGKILL of one rank in the middle of stage 2 of a two-process run: the launcher tears the other down and the
+    job exits non-zero within two minutes, never waiting in a collective; `--resume` on two processes then finishes
+    with the table and export the unbroken two-process run has."""
+    config, reference = two_process_reference
+    run_dir = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
+    cmd += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0"]
+    launcher = subprocess.Popen(
+        [*cmd, TRAIN, "--config", str(config), "--out", str(run_dir)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        start_new_session=True,  # its own process group, for the cleanup below
+    )
+    try:
+        deadline = time.monotonic() + 300
+        while not list((run_dir / "checkpoints").glob("stage-02-step-*")) and time.monotonic() < deadline:
+            assert launcher.poll() is None, "the run ended before it could be killed"
+            time.sleep(0.02)
+        victim = _rank_pid(launcher, rank)
+        assert victim is not None, f"no rank-{rank} worker found"
+        os.kill(victim, signal.SIGKILL)
+        killed_at = time.monotonic()
+        returncode = launcher.wait(timeout=120)
+        took = time.monotonic() - killed_at
+    finally:
+        if launcher.poll() is None:
+            os.killpg(launcher.pid, signal.SIGKILL)
+            launcher.wait()
+    assert returncode != 0 and took < 120, (returncode, took)
+    assert not (run_dir / "report.json").exists()
+    newest = ckpt.latest_valid(run_dir)
+    assert newest is not None and newest.name.startswith("stage-02"), newest
+
+    done = _launch_2proc("--resume", str(run_dir))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert _report(run_dir) == _report(reference)
+    assert torch.equal(exported_outputs(run_dir), exported_outputs(reference))
+    assert all(ckpt.verify(p) is None for p in ckpt.list_checkpoints(run_dir))
+    assert not [p for p in run_dir.rglob("*") if ".tmp" in p.name]

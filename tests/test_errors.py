@@ -98,3 +98,24 @@ def test_a_config_that_is_not_utf8_is_one_line_from_the_cli(tmp_path: Path, caps
 def test_the_largest_seed_runs(tmp_path: Path) -> None:
     config = _config(tmp_path, mode="train", seed=2**32 - 1, **{"train.epochs": 1})
     assert main(["--config", str(config), "--out", str(tmp_path / "run")]) == 0  # NumPy refuses seeds >= 2**32
+
+
+@pytest.mark.parametrize(
+    ("section", "overrides", "fragment"),
+    [
+        ("train: 5\n", ["train.epochs=1"], "error: train: expected a mapping of keys, got 5"),
+        ("train:\n  epochs: 1\n  lr: 0.1\n  epochs: 2\n", [], "duplicate key 'epochs' at line "),
+    ],
+    ids=["a-section-as-a-scalar", "a-duplicate-key"],
+)
+def test_recipe_mistakes_stop_before_any_work(
+    tmp_path: Path, capsys, section: str, overrides: list[str], fragment: str
+) -> None:
+    recipe = tiny_run(**QUICK, mode="train")
+    del recipe["train"]
+    path = tmp_path / "exp.yaml"
+    path.write_text(yaml.safe_dump(recipe) + section)
+    run_dir = tmp_path / "run"
+    assert main(["--config", str(path), "--out", str(run_dir), *(["--set", *overrides] if overrides else [])]) == 2
+    assert fragment in _one_error_line(capsys.readouterr().err)
+    assert not run_dir.exists()

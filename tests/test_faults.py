@@ -6,7 +6,9 @@ BaseException, so no `except Exception` of the trainer sees it, as none sees a S
 run stopped where it says (what is on disk), resumes it as a user would, and asserts exit 0, the unbroken run's
 report.json (every row: params, FLOPs, top-1, top-5), pruning log widths and exported outputs (pt2 and ONNX,
 bit for bit: the runs are seeded and one-threaded), that the resume redid only the work after the point it went on
-from, and that no temporary file or directory is left in the run directory.
+from, and that no temporary file or directory is left in the run directory. A damaged checkpoint (truncated, a bit
+flipped, manifest or meta edited, NaN or wrong-shape weights under a re-recorded manifest) in a copy of the finished
+run is refused in one line when named, and skipped with a warning by `--resume DIR`, which then finishes.
 
 The tiny run: a ResNet-8 teacher trained for 2 epochs of 8 steps (16 SGD steps), then 3 stages (prune, prune,
 finetune) of one 8-step epoch each: 24 distillation steps, global steps 1-8, 9-16, 17-24, checkpointed at every
@@ -17,9 +19,12 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import accelerate.checkpointing
 import numpy as np
@@ -27,6 +32,7 @@ import pytest
 import torch
 import yaml
 from accelerate.state import AcceleratorState, GradientState
+from safetensors.torch import load_file, save_file
 
 from aip import checkpoint as ckpt
 from aip.distill.step import DistillStep
@@ -256,4 +262,113 @@ def test_killed_run_resumes_to_the_unbroken_result(point: str, config: Path, unb
     np.testing.assert_array_equal(_onnx_outputs(run_dir), _onnx_outputs(unbroken))
     assert [p.name for p in ckpt.list_checkpoints(run_dir)] == ["stage-01", "stage-02", "stage-03"]
     assert all(ckpt.verify(p) is None for p in ckpt.list_checkpoints(run_dir))
+    assert _temporaries(run_dir) == []
+
+
+# ---------------------------------------------------------------------------------------- damaged checkpoints
+# Each damages the newest checkpoint (stage-03) of a copy of the finished run, as a disk or a tool would. Naming that
+# checkpoint stops with one `error:` line; `--resume DIR` skips it with a warning naming what is wrong and redoes
+# stage 3 from stage-02, to the unbroken run's result. "Rehashed" damage re-records the manifest after the change
+# (as a tool that knows the format would), so that the checks beyond the checksums must catch it.
+
+
+def _weights(path: Path) -> Path:
+    return path / ckpt.STATE_DIR / "model.safetensors"
+
+
+def _truncate(path: Path) -> None:
+    data = _weights(path).read_bytes()
+    _weights(path).write_bytes(data[: len(data) // 2])
+
+
+def _flip_bit(path: Path) -> None:
+    data = bytearray(_weights(path).read_bytes())
+    data[len(data) // 2] ^= 0x10
+    _weights(path).write_bytes(bytes(data))
+
+
+def _edit_json(path: Path, name: str, edit: Callable[[Any], object], rehash: bool = True) -> None:
+    data = json.loads((path / name).read_text())
+    edit(data)
+    (path / name).write_text(json.dumps(data))
+    if rehash:
+        ckpt.write_manifest(path)
+
+
+def _manifest_size(path: Path) -> None:
+    _edit_json(path, ckpt.MANIFEST, lambda m: m["meta.json"].update(size=m["meta.json"]["size"] + 1), rehash=False)
+
+
+def _manifest_entry_dropped(path: Path) -> None:  # the file it vouched for is then rewritten unchecked
+    _edit_json(path, ckpt.MANIFEST, lambda m: m.pop("state/optimizer.bin"), rehash=False)
+    (path / ckpt.STATE_DIR / "optimizer.bin").write_bytes(b"not a pickle")
+
+
+def _meta_stage(path: Path) -> None:
+    _edit_json(path, "meta.json", lambda m: (m.update(stage=2), m["state"].update(stage=2)))
+
+
+def _history(path: Path) -> None:  # the last prune of layer3.0.shortcut.0 forgotten: another architecture
+    _edit_json(path, "history.json", lambda h: h.pop())
+
+
+def _tensor(path: Path, name: str, change: Callable[[torch.Tensor], torch.Tensor]) -> None:
+    tensors = load_file(str(_weights(path)))
+    tensors[name] = change(tensors[name])
+    save_file(tensors, str(_weights(path)), metadata={"format": "pt"})
+    ckpt.write_manifest(path)
+
+
+def _nan_weights(path: Path) -> None:
+    _tensor(path, "conv1.weight", lambda t: t.index_fill(0, torch.tensor([0]), float("nan")))
+
+
+def _wrong_shape(path: Path) -> None:
+    _tensor(path, "layer1.0.conv1.weight", lambda t: torch.cat([t, t[:1]]))
+
+
+# damage -> what the warning and the error say
+DAMAGE = {
+    "truncated": (_truncate, r"state/model.safetensors has \d+ bytes, the manifest says \d+"),
+    "bit_flip": (_flip_bit, "state/model.safetensors does not match its checksum"),
+    "manifest_size": (_manifest_size, r"meta.json has \d+ bytes, the manifest says \d+"),
+    "manifest_entry_dropped": (_manifest_entry_dropped, "state/optimizer.bin is not in the manifest"),
+    "meta_stage_rehashed": (_meta_stage, "meta.json says stage 2, the checkpoint is of stage 3"),
+    "history_rehashed": (_history, "history.json is not the pruning history the weights were saved with"),
+    "nan_weights_rehashed": (_nan_weights, "state/model.safetensors: conv1.weight holds NaN or infinite values"),
+    "wrong_shape_rehashed": (
+        _wrong_shape,
+        r"state/model.safetensors: layer1.0.conv1.weight is F32 \[\d+, \d+, 3, 3\], the architecture has F32 \[\d+, "
+        r"\d+, 3, 3\]",
+    ),
+}
+
+
+@pytest.mark.parametrize("damage", list(DAMAGE))
+def test_damaged_checkpoint_fails_in_one_line_or_is_skipped_and_the_run_finishes(
+    damage: str, unbroken: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    inject, reason = DAMAGE[damage]
+    run_dir = tmp_path / "run"
+    shutil.copytree(unbroken, run_dir)
+    for name in ("report.json", "model_pruned.pt2"):  # as if the run had died after committing stage 3
+        (run_dir / name).unlink()
+    newest = ckpt.stage_dir(run_dir, 3)
+    inject(newest)
+
+    capsys.readouterr()
+    assert main(["--resume", str(newest)]) == 2  # named: it is refused, with its reason, in one line
+    GradientState._reset_state()
+    AcceleratorState._reset_state()
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.count("error:") == 1, err
+    assert re.fullmatch(f"error: checkpoint '{re.escape(str(newest))}' is damaged: {reason}", err.strip()), err
+
+    with pytest.MonkeyPatch.context() as patch, pytest.warns(UserWarning, match=f"stage-03: {reason}"):
+        calls = _count(patch)
+        assert main(["--resume", str(run_dir), "--set", "export.formats=[pt2]"]) == 0
+    assert calls.distill == DISTILL_STEPS // 3  # stage 3 again, from stage-02
+    assert _report(run_dir) == _report(unbroken)
+    torch.testing.assert_close(exported_outputs(run_dir), exported_outputs(unbroken), rtol=0, atol=0)
+    assert ckpt.latest_valid(run_dir) == newest and ckpt.verify(newest) is None  # rewritten whole
     assert _temporaries(run_dir) == []

@@ -19,8 +19,9 @@ BOTTOM = {
     "aip.errors": {"aip", "aip.errors"},
     "aip.registry": {"aip", "aip.registry"},
     "aip.schema": {"aip", "aip.schema"},
-    "aip.config": {"aip", "aip.config", "aip.errors", "aip.schema"},
-    "aip.config_doc": {"aip", "aip.config", "aip.config_doc", "aip.errors", "aip.schema"},
+    "aip.config_yaml": {"aip", "aip.config_yaml", "aip.errors", "aip.schema"},
+    "aip.config": {"aip", "aip.config", "aip.config_yaml", "aip.errors", "aip.schema"},
+    "aip.config_doc": {"aip", "aip.config", "aip.config_doc", "aip.config_yaml", "aip.errors", "aip.schema"},
 }
 
 
@@ -153,7 +154,8 @@ def test_config_and_errors_import_no_registry() -> None:
     top, inner = import_graph(PACKAGE)
     assert top["aip.errors"] == set() and inner["aip.errors"] == set()
     assert top["aip.schema"] | inner["aip.schema"] == set()
-    assert top["aip.config"] | inner["aip.config"] == {"aip.errors", "aip.schema"}
+    assert top["aip.config"] | inner["aip.config"] == {"aip.config_yaml", "aip.errors", "aip.schema"}
+    assert top["aip.config_yaml"] | inner["aip.config_yaml"] == {"aip.errors", "aip.schema"}
     assert {"aip.data", "aip.models", "aip.prune.importance", "aip.config"} <= top["aip.checks"]
 
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import struct
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -195,3 +197,54 @@ def test_published_layout_loads_into_our_resnet_after_a_rename(tmp_path: Path) -
     model = create_model("cifar_resnet20", 10)
     load_into(model, load_state_dict_file(tmp_path / "theirs.pth", rename={".downsample.": ".shortcut."}))
     assert _same(model.state_dict(), ours)
+
+
+def _member_data_offset(path: Path, member: str) -> int:
+    """Where the stored bytes of zip member `member` start: after its local header, name and extra field."""
+    with zipfile.ZipFile(path) as archive:
+        info = archive.getinfo(member)
+    assert info.compress_type == zipfile.ZIP_STORED
+    with path.open("rb") as fh:
+        fh.seek(info.header_offset + 26)
+        name_len, extra_len = struct.unpack("<HH", fh.read(4))
+    return info.header_offset + 30 + name_len + extra_len
+
+
+def test_a_flipped_bit_in_a_stored_tensor_names_its_member(tmp_path: Path, state: dict) -> None:
+    path = tmp_path / "teacher.pt"
+    torch.save(state, path)
+    with zipfile.ZipFile(path) as archive:
+        member = next(n for n in archive.namelist() if n.endswith("/data/0"))
+    raw = bytearray(path.read_bytes())
+    raw[_member_data_offset(path, member)] ^= 0x04  # the lowest byte of a float32: a finite, slightly other weight
+    path.write_bytes(bytes(raw))
+    flipped = torch.load(path, weights_only=True)  # torch.load itself reads the flipped weight without a word
+    assert sorted(flipped) == sorted(state) and not _same(flipped, state)
+    message = _one_line_error(path, f"member {member!r} fails its CRC-32 check")
+    assert message.startswith(f"model.teacher_checkpoint {str(path)!r}: ")
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.bool])
+def test_integer_weights_where_the_model_has_floats_are_refused(state: dict, dtype: torch.dtype) -> None:
+    model = _net()
+    model(torch.randn(1, 3, 6, 6))
+    state["1.running_var"] = state["1.running_var"].round().to(dtype)
+    with pytest.raises(ConfigError) as info:
+        load_into(model, state, "model.teacher_checkpoint 'x.pt'")
+    message = str(info.value)
+    assert f"1.running_var holds {dtype} values where the model has torch.float32" in message
+    assert "\n" not in message
+    load_into(model, {**state, "1.running_var": state["1.running_var"].float()})  # num_batches_tracked: int64 both
+
+
+def test_a_file_saved_without_checksums_still_loads(tmp_path: Path, state: dict) -> None:
+    """torch.save under set_crc32_options(False) records CRC 0 for every member: nothing to check, not damage."""
+    before = serialization.get_crc32_options()
+    serialization.set_crc32_options(False)
+    try:
+        torch.save(state, tmp_path / "nocrc.pt")
+    finally:
+        serialization.set_crc32_options(before)
+    with zipfile.ZipFile(tmp_path / "nocrc.pt") as archive:
+        assert {info.CRC for info in archive.infolist()} == {0}
+    assert _same(load_state_dict_file(tmp_path / "nocrc.pt"), state)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib
 import pickle
 import re
+import zipfile
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -58,6 +59,31 @@ def _is_safetensors(path: Path) -> bool:
     return len(head) == 9 and head[8:9] == b"{" and 2 <= int.from_bytes(head[:8], "little") <= path.stat().st_size
 
 
+def _check_crc(path: Path, label: str) -> None:
+    """Each member of a zip-format torch file against its CRC-32: torch.load does not check them, so a flipped bit
+    in the stored weights would load as a silently different model. Legacy (non-zip) files have no checksums, nor
+    have members recorded with CRC 0 (saved under `torch.serialization.set_crc32_options(False)`)."""
+    member = None
+    try:
+        if not zipfile.is_zipfile(path):
+            return
+        with zipfile.ZipFile(path) as archive:
+            for info in archive.infolist():
+                member = info.filename
+                if info.CRC != 0:
+                    with archive.open(info) as fh:
+                        while fh.read(1 << 24):
+                            pass
+    except Exception as exc:  # zipfile raises BadZipFile (a bad CRC, a damaged header), OSError, ...
+        if "CRC" in str(exc):
+            raise ConfigError(
+                f"{label} {str(path)!r}: member {member!r} fails its CRC-32 check, so its bytes changed after saving "
+                "(a bad copy or disk); copy the file again"
+            ) from None
+        where = f" at member {member!r}" if member is not None else ""
+        raise ConfigError(f"{label} {str(path)!r}: a damaged zip archive{where} ({_one_line(exc)})") from None
+
+
 def _read(path: Path, trust: bool, label: str) -> object:
     """The unpickled (or safetensors) content of the file; every failure is one ConfigError line."""
     try:
@@ -72,6 +98,7 @@ def _read(path: Path, trust: bool, label: str) -> object:
         except Exception as exc:  # safetensors raises its own error types on damaged files
             raise ConfigError(f"{label} {str(path)!r}: not a readable safetensors file ({_one_line(exc)})") from None
     damaged = f"{label} {str(path)!r}: not a readable PyTorch checkpoint (damaged, truncated or another kind of file"
+    _check_crc(path, label)
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
@@ -155,7 +182,8 @@ def _names(keys: list[str]) -> str:
 
 def load_into(model: nn.Module, state: Mapping[str, torch.Tensor], what: str = "the checkpoint") -> None:
     """Load `state` strictly into `model`; a mismatch is one ConfigError line naming the first missing and unexpected
-    keys and the shapes that differ. BatchNorm's `num_batches_tracked`, absent from old files, may be missing."""
+    keys and the shapes that differ, or an integer tensor where the model has floats. BatchNorm's
+    `num_batches_tracked`, absent from old files, may be missing."""
     own = model.state_dict()
     missing = [k for k in own if k not in state and not k.endswith("num_batches_tracked")]
     unexpected = [k for k in state if k not in own]
@@ -174,5 +202,11 @@ def load_into(model: nn.Module, state: Mapping[str, torch.Tensor], what: str = "
             )
         hint = "; model.checkpoint_rename renames keys" if missing and unexpected else ""
         raise ConfigError(f"{what} does not fit the model: {'; '.join(parts)}{hint}")
+    for k, tensor in state.items():  # load_state_dict would cast integers to the model's floats without a word
+        if own[k].is_floating_point() and not tensor.is_floating_point():
+            raise ConfigError(
+                f"{what} does not fit the model: {k} holds {tensor.dtype} values where the model has {own[k].dtype}; "
+                "save the weights as floating-point tensors"
+            )
     full = {**{k: v for k, v in own.items() if k.endswith("num_batches_tracked")}, **state}
     model.load_state_dict(full, strict=True)

@@ -20,7 +20,7 @@ from aip.prune.cost import model_cost
 from aip.prune.groups import PrunableGroup, enumerate_groups
 from aip.prune.importance import needs_features, needs_gradients
 from aip.prune.rounding import WidthGrid
-from aip.prune.safety import Snapshot, check_example, mismatch, outputs, silence
+from aip.prune.safety import Snapshot, check_example, first_line, mismatch, outputs, silence
 from aip.prune.selection import Candidate, Pricer, choose, group_candidates, per_price, rank
 from aip.prune.widths import WidthCost
 
@@ -94,7 +94,7 @@ class ChannelPruner:
             self.graph = tp.DependencyGraph().build_dependency(self.model, example_inputs=self.example, verbose=False)
         except Exception as exc:  # a third-party tracer: whatever it raises means the graph is not understood
             raise PruningError(
-                f"Torch-Pruning cannot trace this model ({type(exc).__name__}: {_first_line(exc)})"
+                f"Torch-Pruning cannot trace this model ({type(exc).__name__}: {first_line(exc)})"
             ) from None
         finally:
             self._enumerated = None
@@ -122,7 +122,7 @@ class ChannelPruner:
             self._roots = {name: root for name, root, *_ in self._enumerated}
         for name, root, group, unit, reason in self._enumerated:
             if reason is not None and name not in self.refused:
-                self._refuse(name, _first_line(reason))
+                self._refuse(name, first_line(reason))
             if name in self.refused:
                 if include_refused and group is not None:
                     yield PrunableGroup(name, root, group, 1)
@@ -168,7 +168,7 @@ class ChannelPruner:
                 self.graph.get_pruning_group(module, fn, [int(i) for i in idxs]).prune(record_history=False)
             except (AttributeError, IndexError, KeyError, TypeError, ValueError, RuntimeError) as exc:
                 raise PruningError(
-                    f"the pruning history does not fit this model ({_first_line(exc)}); was it saved for another?"
+                    f"the pruning history does not fit this model ({first_line(exc)}); was it saved for another?"
                 ) from None
             self._history.append([str(name), bool(is_out), [int(i) for i in idxs]])
             if self._has_splits:
@@ -192,7 +192,7 @@ class ChannelPruner:
         try:
             scores = importance(g.group)
         except (RuntimeError, IndexError, ValueError, TypeError, KeyError) as exc:
-            self._refuse(g.name, f"the criterion cannot score it ({_first_line(exc)})")
+            self._refuse(g.name, f"the criterion cannot score it ({first_line(exc)})")
             return None
         if scores is None or scores.numel() != g.width:
             return None
@@ -225,7 +225,7 @@ class ChannelPruner:
         if self._check is None:
             self._check = check_example(self.model, self.example)
         frozen = {n for n, p in self.model.named_parameters() if not p.requires_grad}
-        snapshot = Snapshot(self.model)
+        snapshot = Snapshot(self.model, self.graph)
         problem = None
         try:
             for name, channels in plan.items():
@@ -242,7 +242,7 @@ class ChannelPruner:
             if problem is None:
                 problem = mismatch(reference, outputs(self.model, self._check))
         except (RuntimeError, ValueError, IndexError, TypeError, AssertionError, KeyError) as exc:
-            problem = f"removing channels broke the forward pass ({_first_line(exc)})"
+            problem = f"removing channels broke the forward pass ({first_line(exc)})"
         if problem is not None:
             snapshot.restore()
         else:
@@ -255,20 +255,22 @@ class ChannelPruner:
                 param.requires_grad_(False)
         return problem
 
-    def prune_to_widths(self, widths: dict[str, int], importance: tp.importance.Importance) -> None:
-        """Shrink each named group to about the given width (the nearest whole number of units, and of `round_to`;
-        at least one), dropping its lowest-scored units. The per-layer caps do not apply here."""
+    def prune_to_widths(self, widths: dict[str, int], importance: tp.importance.Importance) -> dict[str, int]:
+        """Shrink each named group to the widest width its units and `round_to` allow at or under the given one (at
+        least one unit), dropping its lowest-scored units: never wider, so never costlier, than asked. The per-layer
+        caps do not apply here. Returns the named groups' widths now (wider than asked where a removal failed)."""
         for name, width in widths.items():
             g = next((g for g in self._groups() if g.name == name), None)
             if g is None:
                 continue
-            excess = (g.width - WidthGrid.make(g.width, g.unit, self.round_to, 1).nearest(width)) // g.unit
+            excess = (g.width - WidthGrid.make(g.width, g.unit, self.round_to, 1).floor(width)) // g.unit
             if excess > 0:
                 scores = self._score(importance, g)
                 if scores is None:
                     continue
                 self._remove({name: torch.argsort(scores, stable=True)[:excess].tolist()}, [g])
         self.model.zero_grad(set_to_none=True)
+        return {n: int(self.graph.get_out_channels(self._roots[n])) for n in widths if n in self._roots}
 
     def cost(self, metric: str) -> float:
         """The model's current FLOPs (of one forward of the example, as torch's counter counts them) or parameter
@@ -394,8 +396,3 @@ class ChannelPruner:
         self.model.zero_grad(set_to_none=True)
         self.model.train(was_training)
         return IntervalLog(before, self.cost(metric), floor, steps, widths_before, self.widths())
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return " ".join(text.splitlines()[0].split()) if text else type(exc).__name__

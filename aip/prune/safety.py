@@ -7,8 +7,9 @@ others. `refusal_reason` names such an operation in a group so the group is left
 
 Every removal step is then verified: the channels about to go are silenced first (their outgoing weights zeroed, so
 the network no longer depends on them), the output on the example input is recorded, the channels are removed, and
-the output must be the same. A step that fails is undone with `Snapshot.restore`. The example is cropped to smaller
-maps where the model's outputs keep their shapes (`check_example`): the same check at a fraction of the cost.
+the output must be the same. A step that fails is undone with `Snapshot.restore`, the model and the graph's own
+state both. The example is cropped to smaller maps where the model's outputs keep their shapes (`check_example`): the
+same check at a fraction of the cost.
 """
 
 from __future__ import annotations
@@ -119,20 +120,45 @@ def _gcd(a: int, b: int) -> int:
     return a
 
 
+_MODULE_DICTS = ("_parameters", "_buffers", "_modules")
+
+
+def _copied(value: object) -> object:
+    """A list's own copy (Torch-Pruning edits `concat_sizes` and `split_sizes` lists in place), else the value."""
+    return list(value) if isinstance(value, list) else value
+
+
 class Snapshot:
-    """Every module's parameters, buffers and attributes (channel counts), to undo a removal step in place.
+    """Every module's parameters, buffers and attributes (channel counts), and the dependency graph's own state, to
+    undo a removal step in place.
 
     Restoring keeps the module objects (the dependency graph and hooks refer to them) and puts back the tensors
-    they held; parameters whose values were overwritten in place are put back through `keep_data`.
+    they held; parameters whose values were overwritten in place are put back through `keep_data`. A removal also
+    changes the graph: its operation nodes' bookkeeping (a concatenation's `concat_sizes` and `offsets`, a split's
+    `split_sizes`, a slice's bounds, some of it edited in place) and, for a pruned bare `nn.Parameter`, the node
+    and name it is registered under. With `graph`, that state is kept and put back too, so later groups are still
+    mapped through the widths the model really has.
     """
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, graph: tp.DependencyGraph | None = None) -> None:
         self.entries = []
+        own = set()
         for module in model.modules():
-            attrs = {k: v for k, v in vars(module).items() if k not in ("_parameters", "_buffers", "_modules")}
+            own.add(id(module))
+            attrs = {k: _copied(v) for k, v in vars(module).items() if k not in _MODULE_DICTS}
             self.entries.append((module, attrs, dict(module._parameters), dict(module._buffers)))
         self.data: list[tuple[nn.Parameter, torch.Tensor]] = []
         self.slices: list[tuple[nn.Parameter, int, torch.Tensor, torch.Tensor]] = []
+        self.graph = graph
+        if graph is not None:  # graph-only operations (_ConcatOp, _SplitOp, ...) are no modules of the model
+            self.ops = [
+                (op, {k: _copied(v) for k, v in vars(op).items()})
+                for op in graph.module2node
+                if isinstance(op, nn.Module) and id(op) not in own
+            ]
+            self.module2node = dict(graph.module2node)
+            self.node_modules = [(node, node.module) for node in graph.module2node.values()]
+            self.param_names = dict(getattr(graph, "_param_to_name", {}))
 
     def keep_data(self, param: nn.Parameter) -> None:
         """Remember a parameter's current values before they are changed in place."""
@@ -143,18 +169,29 @@ class Snapshot:
         self.slices.append((param, axis, index, param.data.index_select(axis, index)))
 
     def restore(self) -> None:
+        """Put the model (and the graph, when one was given) back as they were when the snapshot was taken."""
         for module, attrs, params, buffers in self.entries:
             module._parameters.clear()
             module._parameters.update(params)
             module._buffers.clear()
             module._buffers.update(buffers)
-            for key in [k for k in vars(module) if k not in attrs and k not in ("_parameters", "_buffers", "_modules")]:
+            for key in [k for k in vars(module) if k not in attrs and k not in _MODULE_DICTS]:
                 delattr(module, key)
-            vars(module).update(attrs)
+            vars(module).update({k: _copied(v) for k, v in attrs.items()})
         for param, data in self.data:
             param.data = data
         for param, axis, index, values in reversed(self.slices):
             param.data.index_copy_(axis, index, values)
+        if self.graph is not None:
+            for op, attrs in self.ops:
+                vars(op).update({k: _copied(v) for k, v in attrs.items()})
+            self.graph.module2node.clear()
+            self.graph.module2node.update(self.module2node)
+            for node, module in self.node_modules:
+                node.module = module
+            if hasattr(self.graph, "_param_to_name"):
+                self.graph._param_to_name.clear()
+                self.graph._param_to_name.update(self.param_names)
 
 
 @torch.no_grad()
@@ -238,3 +275,9 @@ def mismatch(reference: list[torch.Tensor], found: list[torch.Tensor], rtol: flo
         if not err <= rtol * max(scale, 1e-3):
             return f"output {i} changed by {err:.3g} (scale {scale:.3g}): the network computes something else"
     return None
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message, whitespace collapsed (its type's name when it has none)."""
+    text = str(exc).strip()
+    return " ".join(text.splitlines()[0].split()) if text else type(exc).__name__

@@ -23,12 +23,13 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from aip.config import Config, PruneConfig
 from aip.hooks import inspecting
 from aip.prune.importance import create_importance, needs_features
-from aip.prune.pruner import ChannelPruner
+from aip.prune.pruner import ChannelPruner, PruningError
 from aip.seeding import derive_seed, seeded
 from aip.tasks.base import Task
 from aip.tasks.classification import ClassificationTask
 
 CLASSIFICATION = ClassificationTask()
+BUDGET_SLACK = 1e-9  # relative: float rounding of a cost that meets its budget exactly
 
 
 @dataclass
@@ -85,17 +86,29 @@ def cut_to_widths(
     batch_size: int,
     device: torch.device,
     task: Task = CLASSIFICATION,
-) -> None:
+    budget: float | None = None,
+    metric: str = "flops",
+) -> dict[str, int]:
     """Cut the pruner's model to `widths` with the similarity criterion, so that a cluster of near-identical
     channels keeps one; with `prune.similarity.source: features` their feature maps are first recorded on
-    `prune.calibration_batches` batches of `calibration` (in order: the same on every process and every run)."""
+    `prune.calibration_batches` batches of `calibration` (in order: the same on every process and every run).
+
+    Returns the widths the groups got. With `budget`, the cut model's cost (`metric`) is checked against it: a cut
+    over budget (a removal that failed and left a group wider) raises PruningError instead of passing silently."""
     importance = create_importance("similarity", prune_cfg)
     if needs_features(importance):
         loader = DataLoader(calibration, batch_size=batch_size, collate_fn=task.collate)
         with torch.no_grad(), importance.recording(pruner.model), inspecting(pruner.model):
             for x, _ in islice(loader, prune_cfg.calibration_batches):
                 pruner.model(task.view_inputs(pruner.model, x, device))
-    pruner.prune_to_widths(widths, importance)
+    reached = pruner.prune_to_widths(widths, importance)
+    if budget is not None and pruner.cost(metric) > budget * (1 + BUDGET_SLACK):
+        wider = {n: (w, reached[n]) for n, w in widths.items() if reached.get(n, w) > w}
+        raise PruningError(
+            f"the cut model's {metric} are {pruner.cost(metric) / budget:.4f} of the budget; groups left wider than "
+            f"asked (asked, got): {wider or 'none'}; refused: {pruner.refused or 'none'}"
+        )
+    return reached
 
 
 def recovered_score(
@@ -111,11 +124,23 @@ def recovered_score(
 
     Seeded from the run's seed and the widths alone, so a candidate scores the same on any process, in any order,
     and leaves the global random state as it found it."""
+    return recovered(cfg, teacher, widths, example, data, task)[0]
+
+
+def recovered(
+    cfg: Config,
+    teacher: nn.Module,
+    widths: dict[str, int],
+    example: torch.Tensor,
+    data: SearchData,
+    task: Task = CLASSIFICATION,
+) -> tuple[float, dict[str, int]]:
+    """`recovered_score`, and the widths the candidate model was really cut to (what its cost must be priced at)."""
     device = example.device
     with seeded(derive_seed(cfg.seed, "acp-candidate", tuple(widths.values()))):
         model = copy.deepcopy(teacher).requires_grad_(True).train()
         pruner = ChannelPruner(*task.prunable(model, example))
-        cut_to_widths(pruner, widths, cfg.prune, data.calibration, cfg.data.batch_size, device, task)
+        reached = cut_to_widths(pruner, widths, cfg.prune, data.calibration, cfg.data.batch_size, device, task)
         model.train()
         optimizer = torch.optim.SGD(
             model.parameters(), lr=cfg.train.lr, momentum=cfg.train.momentum, weight_decay=cfg.train.weight_decay
@@ -142,7 +167,7 @@ def recovered_score(
         model.eval()
         holdout = DataLoader(data.holdout, batch_size=cfg.data.eval_batch_size, collate_fn=task.collate)
         with torch.no_grad():
-            return task.holdout_score(model, holdout, device)
+            return task.holdout_score(model, holdout, device), {**widths, **reached}
 
 
 def spread(

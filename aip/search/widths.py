@@ -10,10 +10,10 @@ from typing import Any
 from accelerate.utils import broadcast_object_list
 from torch import nn
 
-from aip.prune.pruner import ChannelPruner
+from aip.prune.pruner import ChannelPruner, PruningError
 from aip.prune.widths import WidthCost
 from aip.search.acp import ParticleSwarm, cluster_channels, scale_to_budget
-from aip.search.fitness import SearchData, channel_responses, recovered_score, spread
+from aip.search.fitness import BUDGET_SLACK, SearchData, channel_responses, recovered, spread
 from aip.session import Session
 
 SWARM_FILE = "acp_swarm.json"
@@ -30,11 +30,19 @@ def search_widths(
     names = list(pruner.widths())
     upper = [pruner.original_widths[n] for n in names]
     lower = [pruner.min_width(n) for n in names]
-    grids = [pruner.grid(n) for n in names] if pruner.round_to > 1 else None  # prune.round_to: widths on grids
+    # every width on its group's grid (its channel unit, and prune.round_to): the widths priced are those cut
+    grids = [pruner.grid(n) for n in names]
     width_cost = WidthCost(pruner)
 
     def cost(widths: list[int]) -> float:
         return width_cost.of(dict(zip(names, widths, strict=True)), metric)
+
+    if cost(lower) > budget * (1 + BUDGET_SLACK):
+        raise PruningError(
+            f"acp cannot reach the budget: with every layer at its cap (prune.max_layer_ratio="
+            f"{pruner.max_layer_ratio}) the {metric} are still {cost(lower) / budget:.3f} of it; raise the cap or the "
+            "target ratio"
+        )
 
     count, batch = acp.calibration_images, cfg.data.eval_batch_size
     roots, task = pruner.root_modules(), session.task
@@ -42,7 +50,7 @@ def search_widths(
     start = []
     for i, (name, lo, hi) in enumerate(zip(names, lower, upper, strict=True)):
         width, _ = cluster_channels(responses[name], acp.eps, acp.min_samples)
-        start.append(grids[i].nearest(min(hi, max(lo, width))) if grids else min(hi, max(lo, width)))
+        start.append(grids[i].nearest(min(hi, max(lo, width))))
     if acc.num_processes > 1:  # one starting point for every process's swarm, whatever its float rounding
         box = [start]
         broadcast_object_list(box)
@@ -52,8 +60,9 @@ def search_widths(
     evaluations = [0]
 
     def score(widths: list[int]) -> float:
-        measured = recovered_score(cfg, teacher, dict(zip(names, widths, strict=True)), example, data, task)
-        return measured / 100.0 - acp.swarm.penalty * max(0.0, cost(widths) / budget - 1.0)
+        measured, cut = recovered(cfg, teacher, dict(zip(names, widths, strict=True)), example, data, task)
+        excess = cost([cut[n] for n in names]) / budget - 1.0  # priced as cut: a failed removal keeps a group wider
+        return measured / 100.0 - acp.swarm.penalty * max(0.0, excess)
 
     def evaluate_many(candidates: list[list[int]]) -> list[float]:
         scores, mine = spread(acc, score, candidates)
@@ -69,7 +78,10 @@ def search_widths(
         )
 
     search = {k: v for k, v in acp.__dict__.items() if k != "timeout_minutes"}  # what changes the result
-    keyed = [cfg.model.name, cfg.seed, budget, search] + ([pruner.round_to] if grids else [])
+    steps = [g.step for g in grids]  # keys as before for plain widths and for prune.round_to
+    keyed = [cfg.model.name, cfg.seed, budget, search] + (
+        [pruner.round_to] if pruner.round_to > 1 else [steps] if max(steps, default=1) > 1 else []
+    )
     key = hashlib.sha256(json.dumps(keyed, default=str).encode())
     swarm = ParticleSwarm(
         lower,
@@ -84,4 +96,6 @@ def search_widths(
         write=session.main,
     )
     best = swarm.run(start, report)
+    if cost(best) > budget * (1 + BUDGET_SLACK):  # every candidate is projected under the budget: a stale swarm file?
+        raise PruningError(f"acp's best widths cost {cost(best) / budget:.4f} of the {metric} budget: {best}")
     return dict(zip(names, best, strict=True)), evaluations[0]

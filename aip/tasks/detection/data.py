@@ -3,6 +3,8 @@
 Label 0 is the background (torchvision's detectors count it in num_classes); object classes are 1..K. Objects
 marked difficult (VOC) or crowd (COCO) are dropped from training and kept in validation as `iscrowd` ignore regions,
 which the COCO-style metric neither rewards nor penalises. The data sets register here; `datasets.py` builds them.
+What the data is (a data set's own split, the synthetic draws, `data.train_subset`) comes from `DATA_SEED`, fixed
+as `aip.data.SUBSET_SEED` is: a teacher reused at another seed never validates on the images it trained on.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from torch.utils.data import Dataset
 from torchvision import tv_tensors
 from torchvision.transforms.v2.functional import pil_to_tensor
 
+from aip.data import SUBSET_SEED
 from aip.errors import ConfigError
 from aip.images import load_image
 from aip.registry import Registry
@@ -23,6 +26,7 @@ from aip.tasks.detection.transforms import Sample, SeededTransform, detection_tr
 DETECTION_DATASETS = Registry("detection dataset")
 register_detection_dataset = DETECTION_DATASETS.register
 BACKGROUND = "__background__"
+DATA_SEED = SUBSET_SEED  # splits, subsets and synthetic draws: a constant, never the run's seed
 
 
 @dataclass
@@ -71,6 +75,10 @@ class DetectionSet(Dataset):
         if self.transform is not None:
             self.transform.set_epoch(epoch)
 
+    def select(self, indices: list[int]) -> DetectionSet:
+        """The samples at `indices`, in that order, with the same transform."""
+        return DetectionSet([self.records[i] for i in indices], self.transform)
+
 
 @dataclass
 class DetectionData:
@@ -88,6 +96,17 @@ def transforms_for(image_size: int | None, augment: bool, seed: int) -> tuple[Se
         SeededTransform(detection_transform(image_size, train=True, flip=augment), seed),
         SeededTransform(detection_transform(image_size, train=False), seed),
     )
+
+
+def train_subset(dataset: Dataset, size: int) -> Dataset:
+    """A fixed random choice of `size` samples of `dataset` (by DATA_SEED, kept in index order), as `aip.data`
+    takes `data.train_subset`; the whole set when it has no more than `size`."""
+    if size >= len(dataset):
+        return dataset
+    if not callable(getattr(dataset, "select", None)):
+        raise ConfigError(f"data.train_subset: {type(dataset).__name__} has no select(indices) to take a subset with")
+    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(DATA_SEED))
+    return dataset.select(sorted(order[:size].tolist()))
 
 
 def split_indices(n: int, val_size: int, seed: int) -> tuple[list[int], list[int]]:

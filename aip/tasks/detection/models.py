@@ -102,8 +102,11 @@ def tiny_ssd(
     score_thresh: float = 0.01,
     nms_thresh: float = 0.45,
     detections_per_img: int = 200,
+    image_mean: list[float] | None = None,
+    image_std: list[float] | None = None,
 ) -> nn.Module:
-    """A small SSD (five conv blocks, three feature levels) that trains in seconds on CPU: for tests and demos."""
+    """A small SSD (five conv blocks, three feature levels) that trains in seconds on CPU: for tests and demos.
+    Its transform normalises with `image_mean` and `image_std` (default 0.5 and 0.25 per channel)."""
     _check_ssd_size(name, image_size)
     size = 64 if image_size is None else image_size
     backbone = TinyBackbone(width)
@@ -114,8 +117,8 @@ def tiny_ssd(
         anchors,
         (size, size),
         num_classes,
-        image_mean=[0.5] * 3,
-        image_std=[0.25] * 3,
+        image_mean=[0.5] * 3 if image_mean is None else list(image_mean),
+        image_std=[0.25] * 3 if image_std is None else list(image_std),
         head=head,
         score_thresh=score_thresh,
         nms_thresh=nms_thresh,

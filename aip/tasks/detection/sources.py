@@ -74,7 +74,8 @@ def pennfudan(
     seed: int = 0,
     val_size: int = 50,
 ) -> DetectionData:
-    """Penn-Fudan pedestrians (170 images): one class, a fixed random split of `val_size` validation images.
+    """Penn-Fudan pedestrians (170 images): one class, a random split of `val_size` validation images by `seed`
+    (`build_detection_data` passes the constant DATA_SEED, so every run of any seed gets the same split).
 
     Boxes come from Annotation/<image>.txt, or from the instance mask where the annotation file is missing.
     """

@@ -6,6 +6,7 @@ tell apart and a small detector learns them in a few hundred steps; boxes are th
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import torch
@@ -35,7 +36,8 @@ def class_names(num_classes: int) -> list[str]:
 
 
 class SyntheticShapes(Dataset):
-    """`count` images of `size` x `size` pixels, sample i drawn from a generator seeded by (seed, i)."""
+    """`count` images of `size` x `size` pixels, sample i drawn from a generator seeded by (seed, i) (by (seed,
+    ids[i]) once `select` has picked some)."""
 
     def __init__(
         self,
@@ -48,16 +50,17 @@ class SyntheticShapes(Dataset):
     ) -> None:
         self.count, self.size, self.num_classes, self.max_objects = count, size, num_classes, max_objects
         self.seed, self.transform = seed, transform
+        self.ids = list(range(count))  # the draws this set holds: sample i is draw ids[i]
         names = class_names(num_classes)
         self._colours = [COLOURS[n.split()[0]] for n in names]
         self._ellipse = [n.endswith("ellipse") for n in names]
 
     def __len__(self) -> int:
-        return self.count
+        return len(self.ids)
 
     def sample(self, i: int) -> Sample:
         """Sample `i` before any transform: a uint8 image and its target."""
-        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + i)
+        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self.ids[i])
         s = self.size
         image = 70.0 + 60.0 * torch.rand(3, s, s, generator=gen)
         ys, xs = torch.meshgrid(torch.arange(s) + 0.5, torch.arange(s) + 0.5, indexing="ij")
@@ -89,6 +92,12 @@ class SyntheticShapes(Dataset):
         """New augmentations for a new epoch (reproducible for a given epoch)."""
         if self.transform is not None:
             self.transform.set_epoch(epoch)
+
+    def select(self, indices: list[int]) -> SyntheticShapes:
+        """The samples at `indices`, in that order, with the same transform."""
+        view = copy.copy(self)
+        view.ids = [self.ids[i] for i in indices]
+        return view
 
 
 @register_detection_dataset("synthetic")

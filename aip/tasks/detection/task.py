@@ -13,7 +13,7 @@ from aip.data import eval_view
 from aip.distill.adversarial import GRID
 from aip.prune.cost import model_cost
 from aip.tasks.base import Task
-from aip.tasks.detection.datasets import build_detection_data
+from aip.tasks.detection.datasets import build_detection_data, check_detection_data, check_train_size
 from aip.tasks.detection.distill import DetectionDistillStep
 from aip.tasks.detection.export import write_detection_exports
 from aip.tasks.detection.metrics import evaluate_detector
@@ -31,13 +31,17 @@ SYNTHETIC_KEYS = ("num_classes", "train_size", "val_size")  # data.* keys the sy
 
 
 def build_data(cfg: Config) -> Any:
-    """The configured detection data set: data.options, and for synthetic data.num_classes/train_size/val_size."""
+    """The configured detection data set: data.options, for synthetic data.num_classes/train_size/val_size, and
+    data.train_subset; what it cannot honour (`check_detection_data`, a training set under one batch) is refused."""
     d = cfg.data
+    check_detection_data(d)
     options = dict(d.options)
     if d.name == "synthetic":
         for key in SYNTHETIC_KEYS:
             options.setdefault(key, getattr(d, key))
-    return build_detection_data(d.name, d.root, d.image_size, d.augment, cfg.seed, **options)
+    data = build_detection_data(d.name, d.root, d.image_size, d.augment, cfg.seed, d.train_subset, **options)
+    check_train_size(data, d)
+    return data
 
 
 def view_input(view: PrunableDetector, example: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,43 @@
+"""The quality benchmark's cache key (benchmarks/quality.py): a library upgrade must never reuse old numbers."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+@pytest.fixture(scope="module")
+def quality():
+    """benchmarks/quality.py as a module (it imports quality_report, its neighbour, by name)."""
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        import quality
+
+        yield quality
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+
+
+def test_the_cache_key_names_the_torch_torchvision_and_torch_pruning_versions(
+    quality, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    weights = tmp_path / "teacher.pth"
+    weights.write_bytes(b"weights")
+    code = {"aip_tree": "t", "aip_changes_sha256": "c"}
+    parts = quality.cache_key_parts(code, weights)
+    assert parts["libraries"] == {
+        name: importlib.metadata.version(name) for name in ("torch", "torchvision", "torch-pruning")
+    }
+    installed = importlib.metadata.version
+    for name in quality.LIBRARIES:  # the same code and teacher under one upgraded library: another key
+        monkeypatch.setattr(
+            importlib.metadata, "version", lambda n, up=name: installed(n) + (".post1" if n == up else "")
+        )
+        upgraded = quality.cache_key_parts(code, weights)
+        assert upgraded["libraries"][name] != parts["libraries"][name], name
+        assert upgraded != parts and upgraded["code"] == parts["code"], name
