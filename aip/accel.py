@@ -95,3 +95,10 @@ def plain_forward(model: nn.Module) -> Iterator[nn.Module]:
             model.__dict__.pop("forward", None)
         else:
             model.forward = wrapped
+
+
+def local_process_count(num_processes: int) -> int:
+    """The processes on this machine: LOCAL_WORLD_SIZE, which torchrun and `accelerate launch` set on every node
+    (a multi-node job's `num_processes` counts every node's), else all `num_processes`."""
+    local = os.environ.get("LOCAL_WORLD_SIZE", "")
+    return int(local) if local.isdigit() and int(local) > 0 else num_processes

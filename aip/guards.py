@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils._pytree import tree_flatten
 
 HINT = "the run diverged; lower train.lr or the loss weights, or check the teacher and the data"
 
@@ -63,3 +64,18 @@ def check_state(what: str, state: dict[str, torch.Tensor]) -> None:
     if bad:
         first = ", ".join(bad[:3]) + (" ..." if len(bad) > 3 else "")
         raise NonFiniteError(f"not writing {what}: non-finite weights ({first}); {HINT}")
+
+
+def check_outputs(what: str, model: nn.Module, inputs: Any, cause: str) -> None:
+    """Raise NonFiniteError when `model` in eval mode returns a NaN or an infinity on `inputs` (its mode is kept):
+    a network whose running statistics or weights overflowed, which train mode's batch statistics can hide."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            out = model(inputs)
+    finally:
+        model.train(was_training)
+    flat, _ = tree_flatten(out)
+    if any(torch.is_tensor(t) and t.is_floating_point() and not bool(torch.isfinite(t).all()) for t in flat):
+        raise NonFiniteError(f"{what}: non-finite outputs in eval mode on the example batch; {cause}")

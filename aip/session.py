@@ -11,7 +11,7 @@ from __future__ import annotations
 import copy
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from aip import checkpoint as ckpt
-from aip.accel import CPU_ONLY, mixed_precision, process_group_kwargs, strip_autocast
+from aip.accel import CPU_ONLY, local_process_count, mixed_precision, process_group_kwargs, strip_autocast
 from aip.batches import WholeBatches, device_transform, resolve_workers, whole_batch
 from aip.checks import check_names
 from aip.config import Config, ConfigError, save_config
@@ -53,6 +53,19 @@ class RunState:
     capacity: dict[str, dict[str, Any]] = field(default_factory=dict)
     round_to: int | None = None  # prune.round_to as the run's first process resolved it (auto), kept on resume
     notes: list[str] = field(default_factory=list)  # what the run decided in the user's place, for the report
+
+    @classmethod
+    def restored(cls, saved: dict[str, Any], **now: Any) -> RunState:
+        """The run state a checkpoint's meta stored, with `now`'s values in place of the saved ones; a key this
+        version does not know is refused (a meta written by another version, or edited), never dropped."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(saved) - known)
+        if unknown:
+            raise ckpt.CheckpointError(
+                f"checkpoint meta: unknown run-state keys {', '.join(unknown)} (written by another aip version, or "
+                "edited); resume it with the version that wrote it, or from an earlier checkpoint"
+            )
+        return cls(**{**saved, **now})
 
 
 def topk_correct(logits: torch.Tensor, labels: torch.Tensor, ks: tuple[int, ...] = (1, 5)) -> list[torch.Tensor]:
@@ -207,7 +220,8 @@ class Session:
         """Workers, pinned memory and collation of a loader over `dataset`: an in-memory set is fetched a whole
         uint8 batch at a time (no workers under `data.num_workers: auto`); files are decoded in worker processes."""
         in_memory = device_transform(dataset) is not None
-        workers = resolve_workers(self.cfg.data.num_workers, in_memory, self.accelerator.state.num_processes)
+        local = local_process_count(self.accelerator.state.num_processes)  # the CPUs are this machine's
+        workers = resolve_workers(self.cfg.data.num_workers, in_memory, local)
         gpu = not CPU_ONLY
         return {
             "num_workers": workers,
@@ -363,7 +377,19 @@ class Session:
         """Prepare `objects` (models, optimizers, schedulers, in the checkpoint's order) and load the weights,
         optimizer and RNG states of checkpoint `source` into them, through Accelerate."""
         self.prepare(*objects)
-        self.accelerator.load_state(str(source / ckpt.STATE_DIR))
+        self.load_state(source)
+
+    def load_state(self, source: Path) -> None:
+        """Weights, optimizer and RNG states of checkpoint `source` into what is prepared now, through Accelerate;
+        a checkpoint that passed its checks but does not load (files rewritten with their hashes) is one line."""
+        try:
+            self.accelerator.load_state(str(source / ckpt.STATE_DIR))
+        except Exception as exc:  # noqa: BLE001  (torch, safetensors and pickle each raise their own)
+            first = " ".join(str(exc).split())[:300]
+            raise ckpt.CheckpointError(
+                f"checkpoint {str(source)!r} does not load into the run ({type(exc).__name__}: {first}); resume from "
+                "an earlier stage checkpoint, or delete this one"
+            ) from None
 
     def finish(self, student: nn.Module, finished: Path | None = None, history: list | None = None) -> Outcome:
         """Export the pruned student (fp32, no autocast wrapper), then write the stage table and the pruning log.

@@ -8,6 +8,7 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from aip.accel import LAUNCHER_PRECISION, mixed_precision, process_group_kwargs
@@ -69,3 +70,19 @@ def test_the_torch_floor_has_torch_accelerator() -> None:
     assert floor is not None
     if uses:
         assert (int(floor[1]), int(floor[2])) >= (2, 6), [str(p) for p in uses]
+
+
+def test_auto_workers_share_this_machines_cpus_among_its_own_processes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fresh_accelerator_state: None
+) -> None:
+    """A 2-node job of 4 processes each on 16-CPU machines: each process gets 16 / 4 workers, not 16 / 8."""
+    from aip.accel import local_process_count
+
+    session = Session(config_from_dict(tiny_run()), tmp_path / "run")
+    monkeypatch.setattr(session.accelerator.state, "num_processes", 8)
+    monkeypatch.setattr("aip.batches.cpu_count", lambda: 16)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    files = [torch.zeros(3, 16, 16)]  # a data set read through workers (not one held in memory)
+    assert session.loader_options(files)["num_workers"] == 4
+    monkeypatch.delenv("LOCAL_WORLD_SIZE")
+    assert local_process_count(8) == 8 and session.loader_options(files)["num_workers"] == 2

@@ -372,3 +372,34 @@ def test_damaged_checkpoint_fails_in_one_line_or_is_skipped_and_the_run_finishes
     torch.testing.assert_close(exported_outputs(run_dir), exported_outputs(unbroken), rtol=0, atol=0)
     assert ckpt.latest_valid(run_dir) == newest and ckpt.verify(newest) is None  # rewritten whole
     assert _temporaries(run_dir) == []
+
+
+def _garbage_optimizer(path: Path) -> None:
+    (path / ckpt.STATE_DIR / "optimizer.bin").write_bytes(b"not a pickle")
+    ckpt.write_manifest(path)
+
+
+def _unknown_state_key(path: Path) -> None:
+    _edit_json(path, "meta.json", lambda m: m["state"].update(from_the_future=1))
+
+
+@pytest.mark.parametrize(
+    ("inject", "reason"),
+    [
+        (_garbage_optimizer, "does not load into the run"),
+        (_unknown_state_key, "unknown run-state keys from_the_future"),
+    ],
+)
+def test_a_rehashed_checkpoint_that_does_not_load_stops_in_one_line(
+    inject: Callable[[Path], None], reason: str, unbroken: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Damage the checks cannot see (valid hashes, well-formed files) still ends in one line, not a traceback."""
+    run_dir = tmp_path / "run"
+    shutil.copytree(unbroken, run_dir)
+    inject(ckpt.stage_dir(run_dir, 3))
+    capsys.readouterr()
+    assert main(["--resume", str(ckpt.stage_dir(run_dir, 3))]) == 2
+    GradientState._reset_state()
+    AcceleratorState._reset_state()
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.count("error:") == 1 and reason in err, err

@@ -84,3 +84,70 @@ def test_non_finite_weights_are_never_checkpointed_even_if_the_losses_looked_fin
     assert code == 2
     assert error.startswith("error: not writing checkpoint stage-01: non-finite weights ("), error
     _nothing_saved(run_dir)
+
+
+def test_a_teacher_whose_weights_overflow_stops_before_pruning_naming_its_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from aip.models import create_model
+
+    teacher = create_model("cifar_resnet8", 4)
+    with torch.no_grad():
+        for p in teacher.parameters():
+            p.mul_(1e9)  # finite weights whose eval-mode outputs overflow
+    path = tmp_path / "big.pt"
+    torch.save(teacher.state_dict(), path)
+    code, errors, run_dir = _run(tmp_path, capsys, **{"model.teacher_checkpoint": str(path)})
+    assert code == 2 and len(errors.splitlines()) == 1
+    assert errors.startswith("error: teacher: non-finite outputs in eval mode") and str(path) in errors
+    assert not (run_dir / "checkpoints").exists()
+
+
+def test_teacher_training_whose_eval_outputs_overflow_stops_at_that_epoch(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Batch statistics keep the training loss finite while the weights blow up: the epoch's check catches it."""
+    step = torch.optim.SGD.step
+
+    def blow_up(self, *args, **kwargs):
+        out = step(self, *args, **kwargs)
+        with torch.no_grad():
+            for group in self.param_groups:
+                for p in group["params"]:
+                    p.mul_(1e30)
+        return out
+
+    monkeypatch.setattr(torch.optim.SGD, "step", blow_up)
+    code, errors, run_dir = _run(tmp_path, capsys, **{"train.teacher_epochs": 1, "data.train_size": 32})
+    assert code == 2 and errors.startswith("error: teacher training, epoch 1: non-finite outputs in eval mode")
+    assert not (run_dir / "teacher.pt").exists()
+
+
+@pytest.mark.parametrize("mode", ["aip", "train"])
+def test_a_training_set_smaller_than_one_batch_is_refused_before_any_work(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], mode: str
+) -> None:
+    """One image per class in an imagefolder tree: with the last partial batch dropped, no step would run."""
+    from tests.test_data import _write_tree
+
+    classes = ["a", "b", "c", "d"]
+    _write_tree(tmp_path / "images", "train", classes, 1, size=16)
+    _write_tree(tmp_path / "images", "val", classes, 1, size=16)
+    data = {"name": "imagefolder", "root": str(tmp_path / "images"), "image_size": 16, "num_classes": 4}
+    code, errors, run_dir = _run(tmp_path, capsys, mode=mode, data={**tiny_run()["data"], **data})
+    assert code == 2 and len(errors.splitlines()) == 1
+    assert "the training set has 4 samples, fewer than one batch (data.batch_size=32)" in errors
+    assert not (run_dir / "teacher.pt").exists() and not (run_dir / "model.pt").exists()
+
+
+def test_user_data_smaller_than_one_batch_is_refused_through_the_api(tmp_path: Path) -> None:
+    from torch.utils.data import TensorDataset
+
+    import aip
+    from aip.config import ConfigError, config_from_dict
+    from aip.models import create_model
+
+    data = TensorDataset(torch.randn(8, 3, 16, 16), torch.randint(0, 4, (8,)))
+    cfg = config_from_dict(tiny_run())
+    with pytest.raises(ConfigError, match="the training set has 8 samples, fewer than one batch"):
+        aip.run(cfg, teacher=create_model("cifar_resnet8", 4), train_data=data, val_data=data, out=tmp_path / "r")

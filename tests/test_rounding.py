@@ -148,3 +148,15 @@ def test_a_resumed_run_keeps_the_round_to_auto_it_started_with(
     assert [e["round_to"] for e in log] == [16, 16]
     assert all(w % 16 == 0 for w in log[-1]["widths"].values())
     assert log[-1]["widths"] == first[-1]["widths"]
+
+
+def test_a_round_to_wider_than_every_group_stops_before_the_teacher_is_trained(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump(tiny_run(**{"prune.round_to": 100000})))
+    assert main(["--config", str(config), "--out", str(tmp_path / "run")]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: prune.round_to: 100000 leaves nothing to prune")
+    assert "the widest prunable group has 64 channels" in lines[0]
+    assert not (tmp_path / "run" / "teacher.pt").exists()

@@ -14,7 +14,7 @@ from torch import nn
 from aip import checkpoint as ckpt
 from aip.config import KDLoss, LossConfig, WeightedLoss
 from aip.errors import ConfigError
-from aip.methods.aip import round_to, target_ratio
+from aip.methods.aip import check_round_to, round_to, target_ratio
 from aip.methods.recovery import (
     Stage,
     check_same_architecture,
@@ -46,7 +46,10 @@ def acp_prune(session: Session, teacher: nn.Module, pruner: ChannelPruner, base:
     box = [widths]
     if acc.num_processes > 1:  # every process ran the same swarm on the same scores; rank 0's result decides
         broadcast_object_list(box)
-    cut_to_widths(pruner, box[0], cfg.prune, data.calibration, cfg.data.batch_size, acc.device, session.task)
+    budget = base[metric] * target_ratio(cfg)  # a removal refused in the cut must not leave it over the budget
+    cut_to_widths(
+        pruner, box[0], cfg.prune, data.calibration, cfg.data.batch_size, acc.device, session.task, budget, metric
+    )
     counts = acc.gather(torch.tensor([evaluations], device=acc.device)).tolist()
     session.state.pruning_log.append(
         {
@@ -71,6 +74,7 @@ def run_acp(session: Session, resume: Path | None = None) -> Outcome:
     weights, optimizer and RNG states come back from its stage-end or mid-stage checkpoint."""
     acc, cfg = session.accelerator, session.cfg
     check_taps(session)
+    check_round_to(session)
     teacher = load_teacher(session, resume.parent.parent if resume is not None else None)
     student = copy.deepcopy(teacher).requires_grad_(True).train()
     taps = tap_names(session, student)
@@ -86,7 +90,7 @@ def run_acp(session: Session, resume: Path | None = None) -> Outcome:
     partial = None
     if resume is not None:
         pruner.replay(history)
-        session.state = RunState(**{**meta["state"], "round_to": session.state.round_to})
+        session.state = RunState.restored(meta["state"], round_to=session.state.round_to)
         partial = meta.get("partial")
         session.print(f"resumed from {resume} after stage {session.state.stage}")
     ended = resume if resume is not None and partial is None and session.state.stage >= stage.index else None

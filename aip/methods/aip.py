@@ -16,7 +16,7 @@ from torch import nn
 
 from aip import checkpoint as ckpt
 from aip.accel import plain_forward
-from aip.config import Config
+from aip.config import Config, ConfigError
 from aip.methods.recovery import (
     Stage,
     calibration,
@@ -75,6 +75,22 @@ def round_to(session: Session, saved: dict[str, Any] | None = None) -> int:
     session.state.round_to = found
     session.print(f"prune.round_to auto: {found} ({source})")
     return found
+
+
+def check_round_to(session: Session) -> None:
+    """Before any training: a `prune.round_to` no narrower than every prunable group would leave nothing to prune
+    (each group keeps a multiple of it, or stays whole), which would surface only after the teacher was trained."""
+    value = session.cfg.prune.round_to
+    if not isinstance(value, int) or value <= 1:
+        return
+    model = session.new_model().to(session.accelerator.device)
+    prunable, example, ignored = session.task.prunable(model, session.example.to(session.accelerator.device))
+    widest = max(ChannelPruner(prunable, example, ignored, session.cfg.prune.max_layer_ratio).widths().values())
+    if value >= widest:
+        raise ConfigError(
+            f"prune.round_to: {value} leaves nothing to prune: the widest prunable group has {widest} channels and "
+            f"keeps a multiple of it; use a smaller multiple (8 or 16 suit most hardware) or null"
+        )
 
 
 def latency_ms(session: Session, model: nn.Module, teacher: nn.Module, teacher_ms: float) -> float:
@@ -198,6 +214,7 @@ def run_aip(session: Session, resume: Path | None = None, branch: Path | None = 
     """`mode: aip`: prune interval by interval, recovering with adversarial distillation; report and export."""
     acc, cfg = session.accelerator, session.cfg
     check_taps(session)
+    check_round_to(session)
     source = resume or branch
     source_run = source.parent.parent if source is not None else None
     if branch is not None and session.main:
@@ -222,7 +239,7 @@ def run_aip(session: Session, resume: Path | None = None, branch: Path | None = 
     partial = None
     if source is not None:
         pruner.replay(history)
-        session.state = RunState(**{**meta["state"], "round_to": session.state.round_to})
+        session.state = RunState.restored(meta["state"], round_to=session.state.round_to)
         partial = meta.get("partial") if resume is not None else None
         if branch is not None:  # weights only; a new run with its own schedule from the next stage on
             student.load_state_dict(load_file(str(source / ckpt.STATE_DIR / "model.safetensors")))

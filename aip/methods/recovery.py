@@ -17,7 +17,6 @@ from accelerate.utils import send_to_device
 from torch import nn
 from torch.utils.data import DataLoader
 
-from aip import checkpoint as ckpt
 from aip.compiled import compiled
 from aip.config import ConfigError, LossConfig
 from aip.distill.discriminator import Discriminator
@@ -218,7 +217,7 @@ def recover(
         student, disc, *stage_optimizers(session, student, disc, stage.epochs), session.train_loader()
     )
     if restore is not None:
-        acc.load_state(str(restore / ckpt.STATE_DIR))
+        session.load_state(restore)
     every = cfg.checkpoint.every_n_steps
     with (
         ExitStack() as stack,

@@ -9,7 +9,7 @@ from pathlib import Path
 from torch import nn
 
 from aip.compiled import compiled
-from aip.guards import NonFiniteError, check_losses
+from aip.guards import HINT, NonFiniteError, check_losses, check_outputs
 from aip.report import write_report
 from aip.session import Outcome, Session
 
@@ -46,6 +46,7 @@ def train_supervised(session: Session, model: nn.Module, epochs: int, tag: str) 
                 if step % cfg.train.log_every == 0:
                     bar.set_postfix(loss=f"{loss.item():.3f}")
                     session.log({f"{tag}/loss_ce": loss.item(), f"{tag}/lr": scheduler.get_last_lr()[0]}, step)
+            check_example_outputs(session, acc.unwrap_model(model), f"{tag} training, epoch {epoch + 1}", HINT)
             if (epoch + 1) % cfg.train.eval_every == 0 or epoch + 1 == epochs:
                 metrics = session.metrics(model, val)
                 session.log({f"{tag}/{k}": v for k, v in metrics.items()}, epoch + 1)
@@ -86,7 +87,21 @@ def load_teacher(session: Session, source_run: Path | None = None) -> nn.Module:
         session.save_weights(model, run_dir / TEACHER_FILE)
     model = model.to(session.accelerator.device).eval()
     model.requires_grad_(False)
+    if session.model is not None:
+        cause = "the model given computes NaN or infinity; check its weights"
+    elif path is not None:
+        cause = f"the weights in {str(path)!r} overflow; check or replace the file"
+    else:
+        cause = f"teacher training diverged; lower train.lr (now {cfg.train.lr:g}) or check the data"
+    check_example_outputs(session, model, "teacher", cause)
     return model
+
+
+def check_example_outputs(session: Session, model: nn.Module, what: str, cause: str) -> None:
+    """The model's outputs in eval mode on the example batch (through the task's prunable view) must be finite:
+    batch statistics can keep a training loss finite while the running statistics or weights have overflowed."""
+    view, example, _ = session.task.prunable(model, session.example.to(session.accelerator.device))
+    check_outputs(what, view, example, cause)
 
 
 def copy_teacher(source_run: Path, run_dir: Path) -> None:
