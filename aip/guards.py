@@ -67,15 +67,16 @@ def check_state(what: str, state: dict[str, torch.Tensor]) -> None:
 
 
 def check_outputs(what: str, model: nn.Module, inputs: Any, cause: str) -> None:
-    """Raise NonFiniteError when `model` in eval mode returns a NaN or an infinity on `inputs` (its mode is kept):
-    a network whose running statistics or weights overflowed, which train mode's batch statistics can hide."""
-    was_training = model.training
+    """Raise NonFiniteError when `model` in eval mode returns a NaN or an infinity on `inputs` (every module's mode
+    is kept): a network whose running statistics or weights overflowed, which train mode's batch statistics hide."""
+    modes = [(m, m.training) for m in model.modules()]  # each module's own: a view shares a model's modules
     model.eval()
     try:
         with torch.no_grad():
             out = model(inputs)
     finally:
-        model.train(was_training)
+        for module, training in modes:
+            module.training = training
     flat, _ = tree_flatten(out)
     if any(torch.is_tensor(t) and t.is_floating_point() and not bool(torch.isfinite(t).all()) for t in flat):
         raise NonFiniteError(f"{what}: non-finite outputs in eval mode on the example batch; {cause}")

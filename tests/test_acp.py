@@ -213,6 +213,7 @@ def test_acp_mode_with_feature_similarity(tmp_path: Path) -> None:
     assert main(["--config", str(_config(tmp_path, **overrides)), "--out", str(run_dir)]) == 0
     log = json.loads((run_dir / "pruning_log.json").read_text())
     assert log[0]["ratio_after"] <= 0.6 and log[0]["evaluations_per_process"] == [4]
+    assert log[0]["round_to"] == 1  # kept in the log, as mode aip's entries keep it
 
 
 def _grouped_search(tmp_path: Path) -> tuple[SimpleNamespace, nn.Module, ChannelPruner, SearchData, float]:

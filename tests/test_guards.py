@@ -151,3 +151,14 @@ def test_user_data_smaller_than_one_batch_is_refused_through_the_api(tmp_path: P
     cfg = config_from_dict(tiny_run())
     with pytest.raises(ConfigError, match="the training set has 8 samples, fewer than one batch"):
         aip.run(cfg, teacher=create_model("cifar_resnet8", 4), train_data=data, val_data=data, out=tmp_path / "r")
+
+
+def test_the_output_check_leaves_every_module_in_the_mode_it_found_it() -> None:
+    """A frozen teacher stays in eval mode, also through a view whose own mode differs (a detector's)."""
+    from aip.guards import check_outputs
+
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Flatten())
+    model[1].eval()
+    view = nn.Sequential(model)  # a new module: in train mode
+    check_outputs("teacher", view, torch.randn(2, 3, 8, 8), "cause")
+    assert [m.training for m in view.modules()] == [True, True, True, False, True]
