@@ -34,7 +34,7 @@ from aip.export import FILES as EXPORT_FILES
 from aip.guards import check_modules, check_state
 from aip.models.weights import load_into, load_state_dict_file
 from aip.report import write_report
-from aip.seeding import SeededBatches, derive_seed
+from aip.seeding import SeededBatches, derive_seed, seeded
 from aip.tasks import task_for
 
 TRACKER_RUN = "tb"  # trackers log under the run directory: TensorBoard's event files in <run>/tb/
@@ -267,6 +267,12 @@ class Session:
         if self.model is not None:
             return copy.deepcopy(self.model)
         return self.task.create_model(self.cfg, self.data, self.example)
+
+    def probe_model(self) -> nn.Module:
+        """A model for the checks made before training, built without drawing from the global random streams: a
+        check never changes the weights the run's teacher is then initialised with."""
+        with seeded(derive_seed(self.cfg.seed, "probe")):
+            return self.new_model()
 
     def optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
         t = self.cfg.train

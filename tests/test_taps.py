@@ -10,11 +10,15 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from accelerate.utils import set_seed
 from torch import nn
 from torch.utils.data import TensorDataset
 
 import aip
 from aip.config import ConfigError, config_from_dict
+from aip.methods.aip import check_round_to
+from aip.methods.recovery import check_taps
+from aip.session import Session
 from aip.train import main
 from tests.conftest import tiny_run
 
@@ -70,3 +74,21 @@ def test_attention_transfer_on_a_model_without_stages_names_the_model_given(tmp_
     with pytest.raises(ConfigError, match=r"^model.taps: cannot find the stages of 'Sequential \(the model given\)'"):
         aip.run(cfg, teacher=_plain_net(), train_data=train, val_data=val, out=tmp_path / "run")
     assert not (tmp_path / "run" / "teacher.pt").exists()
+
+
+def test_the_checks_before_training_leave_the_teachers_initial_weights_alone(tmp_path: Path) -> None:
+    """The taps and round_to checks build a model of their own: the teacher a run then trains must start from the
+    weights it would have had without them (the global random streams untouched)."""
+    cfg = config_from_dict(tiny_run(**{"prune.round_to": 2}))
+
+    def first_model(checked: bool, where: str) -> dict[str, torch.Tensor]:
+        session = Session(cfg, tmp_path / where)
+        set_seed(0)
+        if checked:
+            check_taps(session)
+            check_round_to(session)
+        return session.new_model().state_dict()
+
+    plain, checked = first_model(False, "plain"), first_model(True, "checked")
+    for name, value in plain.items():
+        assert torch.equal(value, checked[name]), name

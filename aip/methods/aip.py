@@ -83,7 +83,7 @@ def check_round_to(session: Session) -> None:
     value = session.cfg.prune.round_to
     if not isinstance(value, int) or value <= 1:
         return
-    model = session.new_model().to(session.accelerator.device)
+    model = session.probe_model().to(session.accelerator.device)
     prunable, example, ignored = session.task.prunable(model, session.example.to(session.accelerator.device))
     widest = max(ChannelPruner(prunable, example, ignored, session.cfg.prune.max_layer_ratio).widths().values())
     if value >= widest:

@@ -113,7 +113,7 @@ def check_taps(session: Session) -> None:
     cfg = session.cfg
     if not uses_taps(session):
         return
-    model = session.new_model()
+    model = session.probe_model()
     names = [n for n, _ in model.named_modules() if n]
     missing = [t for t in cfg.model.taps or [] if t not in names]
     if missing:

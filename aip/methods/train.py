@@ -8,6 +8,7 @@ from pathlib import Path
 
 from torch import nn
 
+from aip.accel import strip_autocast
 from aip.compiled import compiled
 from aip.guards import HINT, NonFiniteError, check_losses, check_outputs
 from aip.report import write_report
@@ -51,7 +52,7 @@ def train_supervised(session: Session, model: nn.Module, epochs: int, tag: str) 
                 metrics = session.metrics(model, val)
                 session.log({f"{tag}/{k}": v for k, v in metrics.items()}, epoch + 1)
                 session.print(f"{tag} epoch {epoch + 1}/{epochs}: {session.task.describe(metrics)}")
-    model = acc.unwrap_model(model)  # a teacher computes in fp32 whether trained or loaded
+    model = strip_autocast(acc.unwrap_model(model))  # a teacher computes in fp32 whether trained or loaded
     acc.free_memory()
     return model
 
