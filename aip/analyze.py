@@ -23,18 +23,13 @@ if TYPE_CHECKING:
 
 def _load(session: Session, path: Path) -> torch.nn.Module:
     """The model in a weights file, or the pruned student of a stage checkpoint (history replayed, weights loaded)."""
-    from safetensors.torch import load_file
-
     from aip import checkpoint as ckpt
-    from aip.models import classifier_of
-    from aip.prune.pruner import ChannelPruner
+    from aip.prune.restore import rebuild
 
     if path.is_dir():
         history, _ = ckpt.read(path)
         model = session.new_model()
-        ChannelPruner(model, session.example, [classifier_of(model)]).replay(history)
-        model.load_state_dict(load_file(str(path / ckpt.STATE_DIR / "model.safetensors")))
-        return model
+        return rebuild(model, session.task.prunable(model, session.example), history, path)
     return session.load_weights(path)
 
 

@@ -1,6 +1,6 @@
 """The Python API: `aip.run(cfg, teacher=model, train_data=..., val_data=..., out=...)` runs any mode on objects
 in place of the config's names, under `python` or `accelerate launch` alike, with the command line's run-directory
-rules; `aip.load_config` reads a recipe with dotted overrides."""
+rules; `aip.load_config` reads a recipe with dotted overrides; `aip.load_pruned` rebuilds a run's pruned student."""
 
 from __future__ import annotations
 
@@ -17,8 +17,11 @@ from aip.config import Config, ConfigError, config_from_dict
 from aip.config import load_config as _load_config
 from aip.data import DataBundle, eval_view
 from aip.images import DataError
+from aip.pruned import load_pruned
 from aip.runner import execute, resolve
 from aip.session import output_classes
+
+__all__ = ["Result", "load_config", "load_pruned", "run"]
 
 SHAPES_ALL = 1024  # user data sets up to this many samples have every image's shape checked before the run
 SHAPES_SPREAD = 256  # larger ones: this many samples, spread evenly; `SameShape` checks the others as they are read

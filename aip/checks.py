@@ -2,7 +2,8 @@
 
 `aip.config` validates values and imports no registry, so that the registries (which import `aip.config`) never
 import it back; this module sits above both. Everything that runs a job calls `check_names` before any work:
-`aip/runner.py` before it claims a run directory, and `Session.__init__` for every other caller.
+`aip/runner.py` before it claims a run directory, and `Session.__init__` for every other caller. `check_batches`
+refuses a training set smaller than one batch once the data is built.
 """
 
 from __future__ import annotations
@@ -94,3 +95,23 @@ def check_trackers(cfg: Config) -> None:
                 f"logging.report_to: {tracker} needs its package: pip install {TRACKERS[tracker]} "
                 "(or drop it from logging.report_to)"
             )
+
+
+def trains(cfg: Config, teacher_given: bool) -> bool:
+    """Whether the run has a training phase: supervised epochs, a teacher to train, or recovery epochs."""
+    if cfg.mode == "train":
+        return cfg.train.epochs > 0
+    if cfg.mode == "eval":
+        return False
+    recovery = cfg.prune.finetune_epochs > 0 or (cfg.mode == "aip" and cfg.prune.epochs_between > 0)
+    return recovery or (cfg.train.teacher_epochs > 0 and not teacher_given)
+
+
+def check_batches(cfg: Config, samples: int, teacher_given: bool) -> None:
+    """A training set smaller than one batch would run no optimizer step at all (the loader drops the last, partial
+    batch): refused before any work, for every data source."""
+    if trains(cfg, teacher_given) and samples < cfg.data.batch_size:
+        raise ConfigError(
+            f"data: the training set has {samples} samples, fewer than one batch (data.batch_size="
+            f"{cfg.data.batch_size}), so no optimizer step would run; lower data.batch_size or give more training data"
+        )

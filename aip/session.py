@@ -18,7 +18,6 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration, InitProcessGroupKwargs, broadcast, set_seed
-from safetensors.torch import load_file
 from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
@@ -26,13 +25,16 @@ from tqdm.auto import tqdm
 from aip import checkpoint as ckpt
 from aip.accel import CPU_ONLY, local_process_count, mixed_precision, process_group_kwargs, strip_autocast
 from aip.batches import WholeBatches, device_transform, resolve_workers, whole_batch
-from aip.checks import check_names
+from aip.checks import check_batches, check_names
 from aip.config import Config, ConfigError, save_config
 from aip.data import DataBundle
 from aip.export import EXPORT_FILE
 from aip.export import FILES as EXPORT_FILES
 from aip.guards import check_modules, check_state
+from aip.models.user import given_name
 from aip.models.weights import load_into, load_state_dict_file
+from aip.prune.restore import load_weights
+from aip.pruned import RECORD, model_record
 from aip.report import write_report
 from aip.seeding import SeededBatches, derive_seed, seeded
 from aip.tasks import task_for
@@ -84,26 +86,6 @@ def output_classes(model: nn.Module, example: torch.Tensor) -> int:
     if not (torch.is_tensor(out) and out.dim() == 2):
         raise ConfigError(f"teacher: must return (N, classes) logits, got {getattr(out, 'shape', type(out))}")
     return int(out.shape[1])
-
-
-def trains(cfg: Config, teacher_given: bool) -> bool:
-    """Whether the run has a training phase: supervised epochs, a teacher to train, or recovery epochs."""
-    if cfg.mode == "train":
-        return cfg.train.epochs > 0
-    if cfg.mode == "eval":
-        return False
-    recovery = cfg.prune.finetune_epochs > 0 or (cfg.mode == "aip" and cfg.prune.epochs_between > 0)
-    return recovery or (cfg.train.teacher_epochs > 0 and not teacher_given)
-
-
-def check_batches(cfg: Config, samples: int, teacher_given: bool) -> None:
-    """A training set smaller than one batch would run no optimizer step at all (the loader drops the last, partial
-    batch): refused before any work, for every data source."""
-    if trains(cfg, teacher_given) and samples < cfg.data.batch_size:
-        raise ConfigError(
-            f"data: the training set has {samples} samples, fewer than one batch (data.batch_size="
-            f"{cfg.data.batch_size}), so no optimizer step would run; lower data.batch_size or give more training data"
-        )
 
 
 def _tracker_config(cfg: Config) -> dict[str, Any]:
@@ -329,11 +311,7 @@ class Session:
         check_state(str(path), model.state_dict())
         if self.main:
             tmp = path.with_name(path.name + ".tmp")
-            name = (
-                self.cfg.model.name
-                if self.model is None
-                else f"{type(self.model).__module__}:{type(self.model).__qualname__}"
-            )
+            name = self.cfg.model.name if self.model is None else given_name(self.model)
             payload = {"model": name, "num_classes": self.data.num_classes}
             torch.save({**payload, "state_dict": model.state_dict()}, tmp)
             tmp.replace(path)
@@ -366,7 +344,8 @@ class Session:
             acc.save_state(str(ckpt.temporary(self.run_dir, stage, step) / ckpt.STATE_DIR))
             acc.wait_for_everyone()
             if self.main:
-                meta = {"stage": stage, "state": self.state.__dict__, "config": self.cfg.to_dict()}
+                record = model_record(self.data.num_classes, self.example, self.model)  # what load_pruned builds
+                meta = {"stage": stage, "state": self.state.__dict__, "config": self.cfg.to_dict(), RECORD: record}
                 if partial is not None:
                     meta["partial"] = partial
                 ckpt.commit(tmp, self.run_dir, stage, history, meta, step)
@@ -410,7 +389,7 @@ class Session:
             check_modules(EXPORT_FILE, [student], acc)
         if self.main:
             if finished is not None:
-                student.load_state_dict(load_file(str(finished / ckpt.STATE_DIR / "model.safetensors")))
+                load_weights(student, finished)
             # Every configured format; one that fails is a warning, never a crash at the end of a long run.
             repair = finished is not None
             written = self.task.export(self, student, history or [], repair)

@@ -27,6 +27,7 @@ from aip.methods.recovery import (
 )
 from aip.methods.train import load_teacher
 from aip.prune.pruner import ChannelPruner
+from aip.prune.restore import restore_pruned
 from aip.search.fitness import cut_to_widths, split_search_data
 from aip.search.widths import search_widths
 from aip.session import Outcome, RunState, Session
@@ -89,7 +90,7 @@ def run_acp(session: Session, resume: Path | None = None) -> Outcome:
     stage = Stage(1, "acp", cfg.prune.finetune_epochs, target_ratio(cfg))
     partial = None
     if resume is not None:
-        pruner.replay(history)
+        restore_pruned(pruner, student, history)  # the weights come back through Accelerate (restore_stage, recover)
         session.state = RunState.restored(meta["state"], round_to=session.state.round_to)
         partial = meta.get("partial")
         session.print(f"resumed from {resume} after stage {session.state.stage}")

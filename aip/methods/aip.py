@@ -11,7 +11,6 @@ from typing import Any
 
 import torch
 from accelerate.utils import broadcast_object_list
-from safetensors.torch import load_file
 from torch import nn
 
 from aip import checkpoint as ckpt
@@ -33,6 +32,7 @@ from aip.prune.capacity import LayerCapacity, estimate_capacity
 from aip.prune.importance import create_importance, criterion_for_interval
 from aip.prune.latency import LatencyTable, LayerCurve, layer_curves, layer_times, measure_latency, relative_latency
 from aip.prune.pruner import ChannelPruner
+from aip.prune.restore import restore_pruned
 from aip.prune.rounding import device_round_to
 from aip.prune.schedule import interval_targets
 from aip.session import Outcome, RunState, Session
@@ -238,11 +238,12 @@ def run_aip(session: Session, resume: Path | None = None, branch: Path | None = 
 
     partial = None
     if source is not None:
-        pruner.replay(history)
+        # A branch takes the weights only (a new run with its own schedule from the next stage on); a resume gets
+        # them, with the optimizer and RNG states, through Accelerate (`restore_stage`, `recover`).
+        restore_pruned(pruner, student, history, source if branch is not None else None)
         session.state = RunState.restored(meta["state"], round_to=session.state.round_to)
         partial = meta.get("partial") if resume is not None else None
-        if branch is not None:  # weights only; a new run with its own schedule from the next stage on
-            student.load_state_dict(load_file(str(source / ckpt.STATE_DIR / "model.safetensors")))
+        if branch is not None:
             session.state.global_step = 0
         session.print(f"{'resumed' if resume else 'branched'} from {source} after stage {session.state.stage}")
     ended = resume if resume is not None and partial is None and session.state.stage >= stages[-1].index else None

@@ -7,6 +7,7 @@ an output of the wrong width, is a one-line ConfigError naming model.name.
 
 from __future__ import annotations
 
+import copy
 import importlib
 import inspect
 import os
@@ -27,6 +28,24 @@ DATA_ARGUMENTS = ("num_classes", "in_channels")
 def is_import_path(name: str) -> bool:
     """True for `package.module:callable`, as opposed to a registered name or `torchvision:` / `timm:`."""
     return ":" in name and name.split(":", 1)[0] not in BUILT_INS
+
+
+def given_name(model: nn.Module) -> str:
+    """`module:qualname` of a model's class: how a run names a model that was given to it as an object."""
+    return f"{type(model).__module__}:{type(model).__qualname__}"
+
+
+def given_copy(model: nn.Module | None, given: str | None) -> nn.Module | None:
+    """A CPU copy of `model`, the unpruned model to rebuild a run's pruned one on (None: build the configured one).
+    A run that pruned a model given as an object (`given`: its class, which no config names) needs it again."""
+    if model is not None:
+        return copy.deepcopy(model).cpu()
+    if given:
+        raise ConfigError(
+            f"load_pruned: this run pruned a model given to aip.run as an object ({given}), which no config names; "
+            "pass the unpruned model: aip.load_pruned(path, model=...)"
+        )
+    return None
 
 
 def _short(exc: BaseException) -> str:

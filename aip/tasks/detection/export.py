@@ -7,13 +7,15 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
-import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
+from aip.checkpoint import CheckpointError
+from aip.models.user import given_copy, given_name
+from aip.prune.restore import rebuild
 from aip.tasks.detection.models import create_detector
 from aip.tasks.detection.prunable import PrunableDetector, head_layers
 
@@ -35,29 +37,38 @@ class _Batch(nn.Module):
         return [(d["boxes"], d["scores"], d["labels"]) for d in self.detector(list(images))]
 
 
-def save_pruned(path: Path, model: nn.Module, history: list, config: dict[str, Any], num_classes: int) -> None:
-    """Weights, pruning history and the config that rebuilds the architecture, in one torch.save file."""
+def save_pruned(
+    path: Path, model: nn.Module, history: list, config: dict[str, Any], num_classes: int, given: str | None = None
+) -> None:
+    """Weights, pruning history and the config that rebuilds the architecture, in one torch.save file (`given`: the
+    class of a detector given to the run as an object, which the config does not name)."""
     payload = {"config": config, "num_classes": num_classes, "history": history, "state_dict": model.state_dict()}
+    payload["given"] = given
     tmp = path.with_name(path.name + ".tmp")
     torch.save(payload, tmp)
     tmp.replace(path)
 
 
-def load_pruned_detector(path: str | Path) -> nn.Module:
+def load_pruned_detector(path: str | Path, model: nn.Module | None = None) -> nn.Module:
     """The pruned detector of a run's `model_pruned.pt` (or a stage's payload), in eval mode: a fresh detector of the
-    configured family, the pruning history replayed through its prunable view (the same module names), the weights
-    loaded."""
-    from aip.prune.pruner import ChannelPruner  # the pruner is only needed to rebuild
-
-    payload = torch.load(path, map_location="cpu", weights_only=True)
-    cfg = payload["config"]
+    configured family (or a copy of `model`, the unpruned detector a run was given), the pruning history replayed
+    through its prunable view (the same module names), the weights loaded (`aip.prune.restore.rebuild`, as
+    `aip.load_pruned` and resume do)."""
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+        cfg, classes, history, state = (payload[k] for k in ("config", "num_classes", "history", "state_dict"))
+    except Exception as exc:  # noqa: BLE001 - torch.load and pickle raise their own, a missing key a KeyError
+        first = " ".join(str(exc).split())[:200]
+        raise CheckpointError(
+            f"{str(path)!r} is not a pruned detector's {WEIGHTS_FILE} ({type(exc).__name__}: {first})"
+        ) from None
     size = cfg["data"]["image_size"]
-    detector = create_detector(cfg["model"]["name"], payload["num_classes"], size, **cfg["model"]["kwargs"])
+    detector = given_copy(model, payload.get("given"))
+    if detector is None:
+        detector = create_detector(cfg["model"]["name"], classes, size, **cfg["model"]["kwargs"])
+    detector.eval()
     view = PrunableDetector(detector).eval()
-    with warnings.catch_warnings(), torch.enable_grad():  # the pruner traces through autograd
-        warnings.simplefilter("ignore")
-        ChannelPruner(view, view.batch([torch.zeros(3, size, size)]), head_layers(detector)).replay(payload["history"])
-    detector.load_state_dict(payload["state_dict"])
+    rebuild(detector, (view, view.batch([torch.zeros(3, size, size)]), head_layers(detector)), history, state)
     return detector.eval()
 
 
@@ -80,7 +91,8 @@ def write_detection_exports(session: Session, model: nn.Module, history: list, o
     run_dir, written = session.run_dir, []
     weights = run_dir / WEIGHTS_FILE
     if not (only_stale and weights.is_file()):
-        save_pruned(weights, model, history, session.cfg.to_dict(), session.data.num_classes)
+        given = None if session.model is None else given_name(session.model)
+        save_pruned(weights, model, history, session.cfg.to_dict(), session.data.num_classes, given)
         written.append(WEIGHTS_FILE)
     if "pt2" in session.cfg.export.formats and not (only_stale and (run_dir / PT2_FILE).is_file()):
         was_training = model.training
