@@ -14,6 +14,7 @@ from aip.config import TRACKERS, Config
 from aip.data import DATASETS
 from aip.errors import ConfigError
 from aip.models import check_model_name
+from aip.models.pretrained import check_pretrained
 from aip.models.user import is_import_path
 from aip.prune.importance import IMPORTANCES
 from aip.registry import UnknownNameError
@@ -59,10 +60,8 @@ def check_classification_names(cfg: Config) -> None:
         check_model_name(cfg.model.name)
     except UnknownNameError as exc:
         raise ConfigError(f"model.name: {exc}") from None
-    if cfg.model.kwargs and not is_import_path(cfg.model.name):
-        raise ConfigError(
-            f"model.kwargs: only used with model.name: package.module:callable, not {cfg.model.name!r}; set it to {{}}"
-        )
+    if not is_import_path(cfg.model.name):
+        check_pretrained(cfg.model)
     _one_of("data.name", cfg.data.name, DATASETS.names())
 
 

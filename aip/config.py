@@ -352,6 +352,23 @@ def _validate_user_model(cfg: Config) -> None:
             raise ConfigError(f"data.{key}: one number per image channel, or null for the data set's own; got []")
     if cfg.data.std is not None and any(v <= 0 for v in cfg.data.std):
         raise ConfigError(f"data.std: every value must be > 0, got {cfg.data.std}")
+    if cfg.data.eval_resize is not None:
+        _positive("data.eval_resize", cfg.data.eval_resize)
+    _validate_pretrained(cfg.model)
+
+
+def _validate_pretrained(m: ModelConfig) -> None:
+    """model.pretrained and model.pretrained_file: library models only, and a file that exists."""
+    if not (m.pretrained or m.pretrained_file is not None):
+        return
+    key = "model.pretrained_file" if m.pretrained_file is not None else "model.pretrained"
+    if not m.name.startswith(("timm:", "torchvision:")):
+        raise ConfigError(
+            f"{key}: only timm: and torchvision: models have library weights, not {m.name!r}; give trained weights "
+            "of your own model as model.teacher_checkpoint instead"
+        )
+    if m.pretrained_file is not None and not Path(m.pretrained_file).is_file():
+        raise ConfigError(f"model.pretrained_file: no file at {m.pretrained_file!r}; give a local weights file")
 
 
 def save_config(cfg: Config, path: str | Path) -> None:

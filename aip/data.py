@@ -230,6 +230,7 @@ class _Cifar:
     classes = 10
     mean, std = CIFAR10_MEAN, CIFAR10_STD
     image_folder = True
+    takes_pretrained = ("mean", "std")  # what a pretrained model's preprocessing may set (32x32 in memory)
 
     @classmethod
     def _is_folder(cls, root: Path) -> bool:
@@ -330,6 +331,8 @@ class FashionMNIST:
 class ImageFolderData:
     """ImageNet layout: root/train/<class>/*, root/val/<class>/*; crops of data.image_size (224 when left at 32)."""
 
+    takes_pretrained = ("mean", "std", "size", "resize")
+
     @classmethod
     def validate(cls, cfg: DataConfig) -> None:
         """data.root must exist with train/ and val/ folders; no image is opened."""
@@ -353,7 +356,7 @@ class ImageFolderData:
             v2.Normalize(*_norm(cfg, IMAGENET_MEAN, IMAGENET_STD)),
             v2.ToPureTensor(),
         ]
-        resize = [v2.Resize(size + size // 7), v2.CenterCrop(size)]  # 256 then 224
+        resize = [v2.Resize(cfg.eval_resize or size + size // 7), v2.CenterCrop(size)]  # 256 then 224
         aug = [v2.RandomResizedCrop(size), v2.RandomHorizontalFlip()] if cfg.augment else resize
         try:
             train = datasets.ImageFolder(str(root / "train"), v2.Compose([*aug, *norm]), loader=load_image)

@@ -35,7 +35,19 @@ class ModelConfig:
         "package.module:callable",
     )
     kwargs: dict[str, Any] = option(
-        {}, "keyword arguments of package.module:callable; num_classes (and in_channels) are added when it takes them"
+        {},
+        "keyword arguments of package.module:callable; num_classes (and in_channels) are added when it takes them; "
+        "with model.pretrained, a torchvision: model takes {weights: <name>} (e.g. IMAGENET1K_V1)",
+    )
+    pretrained: bool = option(
+        False,
+        "timm: and torchvision: models start from the library's pretrained weights (its cache; downloaded there "
+        "when online); a head of another class count is replaced",
+    )
+    pretrained_file: str | None = option(
+        None,
+        "local file of a timm: or torchvision: model's pretrained weights, loaded as the library loads its own "
+        "(implies model.pretrained)",
     )
     teacher_checkpoint: str | None = option(
         None, "local file of a trained teacher (a state dict, .safetensors, or a run's teacher.pt); null: train one"
@@ -78,6 +90,11 @@ class DataConfig:
     num_classes: int = option(10, "synthetic only: number of classes (task detection: object classes, at most 12)")
     image_size: int = option(
         32, "synthetic only: image height and width in pixels (task detection: every image's longer side)"
+    )
+    eval_resize: int | None = option(
+        None,
+        "imagefolder only: the shorter side validation images are resized to before the centre crop; null: "
+        "8/7 of the crop (a pretrained model's own ratio with model.pretrained)",
     )
     train_size: int = option(2048, "synthetic only: training images")
     val_size: int = option(512, "synthetic only: validation images")

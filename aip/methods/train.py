@@ -11,6 +11,7 @@ from torch import nn
 from aip.accel import strip_autocast
 from aip.compiled import compiled
 from aip.guards import HINT, NonFiniteError, check_losses, check_outputs
+from aip.models.pretrained import head_note, wants_pretrained
 from aip.report import write_report
 from aip.session import Outcome, Session
 
@@ -59,6 +60,9 @@ def train_supervised(session: Session, model: nn.Module, epochs: int, tag: str) 
 
 def run_train(session: Session) -> Outcome:
     """`mode: train`: supervised training; writes model.pt (usable as model.teacher_checkpoint) and the report."""
+    note = head_note(session.cfg.model, session.data.num_classes) if wants_pretrained(session.cfg.model) else None
+    if note is not None:
+        session.print(note)
     model = train_supervised(session, session.new_model(), session.cfg.train.epochs, "train")
     session.save_weights(model, session.run_dir / "model.pt")
     device = session.accelerator.device
@@ -73,17 +77,24 @@ def run_train(session: Session) -> Outcome:
 
 def load_teacher(session: Session, source_run: Path | None = None) -> nn.Module:
     """The frozen teacher: the given model, the configured checkpoint, this run's (or the source run's) saved one,
-    or one trained here (saved as teacher.pt)."""
+    the pretrained model as it is when its head fits the data, or one trained (a pretrained one fine-tuned) here
+    (saved as teacher.pt)."""
     cfg, run_dir = session.cfg, session.run_dir
     candidates = [Path(cfg.model.teacher_checkpoint)] if cfg.model.teacher_checkpoint else []
     candidates += [run_dir / TEACHER_FILE] + ([source_run / TEACHER_FILE] if source_run else [])
     path = next((p for p in candidates if p.is_file()), None)
+    pretrained = session.model is None and wants_pretrained(cfg.model)
+    replaced = head_note(cfg.model, session.data.num_classes) if pretrained else None
     if session.model is not None:
         model = session.new_model()
     elif path is not None:
         model = session.load_weights(path)
+    elif pretrained and replaced is None:
+        session.print(f"teacher: the pretrained {cfg.model.name} as it is (its head fits the data's classes)")
+        model = session.new_model()
     else:
-        session.print(f"no teacher checkpoint: training one for {cfg.train.teacher_epochs} epochs")
+        what = f"{replaced}; fine-tuning the teacher" if pretrained else "no teacher checkpoint: training one"
+        session.print(f"{what} for {cfg.train.teacher_epochs} epochs")
         model = train_supervised(session, session.new_model(), cfg.train.teacher_epochs, "teacher")
         session.save_weights(model, run_dir / TEACHER_FILE)
     model = model.to(session.accelerator.device).eval()
@@ -92,6 +103,8 @@ def load_teacher(session: Session, source_run: Path | None = None) -> nn.Module:
         cause = "the model given computes NaN or infinity; check its weights"
     elif path is not None:
         cause = f"the weights in {str(path)!r} overflow; check or replace the file"
+    elif pretrained and replaced is None:
+        cause = f"the pretrained {cfg.model.name} computes NaN or infinity on this data; check its weights"
     else:
         cause = f"teacher training diverged; lower train.lr (now {cfg.train.lr:g}) or check the data"
     check_example_outputs(session, model, "teacher", cause)

@@ -10,12 +10,16 @@ from typing import Any
 import torch
 from torch import nn
 
+from aip.errors import ConfigError
 from aip.hooks import inspecting
 from aip.models import cifar_resnet, toy_graphs, vgg  # noqa: F401  (fill the registry)
+from aip.models.heads import classifier_of
+from aip.models.pretrained import build_pretrained, check_pretrained
 from aip.models.registry import MODELS, register_model
 from aip.models.user import build_user_model, is_import_path, resolve
 from aip.models.vgg import VGG
 from aip.registry import UnknownNameError
+from aip.schema import ModelConfig
 
 __all__ = ["MODELS", "register_model", "create_model", "check_model_name", "default_taps", "classifier_of"]
 
@@ -63,20 +67,28 @@ def create_model(
     in_channels: int = 3,
     kwargs: dict[str, Any] | None = None,
     example: torch.Tensor | None = None,
+    pretrained: bool = False,
+    pretrained_file: str | None = None,
 ) -> nn.Module:
     """A fresh, randomly initialised model: a registered name, `torchvision:<name>`, `timm:<name>`, or
-    `package.module:callable` called with `kwargs` (its output width checked on `example`, one input of the data)."""
+    `package.module:callable` called with `kwargs` (its output width checked on `example`, one input of the data).
+
+    `pretrained` (or a `pretrained_file`): a timm or torchvision model with its library's weights instead, the
+    classifier replaced when `num_classes` differs (aip/models/pretrained.py); `kwargs` may name torchvision weights.
+    """
     if is_import_path(name):
         return build_user_model(name, kwargs or {}, num_classes, in_channels, example)
     check_model_name(name)
+    if name.startswith("torchvision:") and in_channels != 3:
+        raise ConfigError(
+            f"model.name: {name} takes 3 input channels but the data has {in_channels}; use a registered model "
+            "or a timm: one (they take any channel count)"
+        )
+    if pretrained or pretrained_file is not None:
+        spec = ModelConfig(name=name, kwargs=dict(kwargs or {}), pretrained=True, pretrained_file=pretrained_file)
+        check_pretrained(spec)
+        return build_pretrained(spec, num_classes, in_channels)
     if name.startswith("torchvision:"):
-        if in_channels != 3:
-            from aip.config import ConfigError
-
-            raise ConfigError(
-                f"model.name: {name} takes 3 input channels but the data has {in_channels}; use a registered model "
-                "or a timm: one (they take any channel count)"
-            )
         import torchvision
 
         return torchvision.models.get_model(name.split(":", 1)[1], weights=None, num_classes=num_classes)
@@ -85,21 +97,6 @@ def create_model(
 
         return timm.create_model(name.split(":", 1)[1], pretrained=False, num_classes=num_classes, in_chans=in_channels)
     return MODELS.get(name)(num_classes=num_classes, in_channels=in_channels)
-
-
-def classifier_of(model: nn.Module) -> nn.Module:
-    """The final classification layer (the last Linear, else the last Conv2d): its outputs are never pruned."""
-    if hasattr(model, "get_classifier") and isinstance(model.get_classifier(), nn.Module):  # timm
-        head = model.get_classifier()
-        if any(isinstance(m, (nn.Linear, nn.Conv2d)) for m in head.modules()):
-            return head
-    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
-    if linears:
-        return linears[-1]
-    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
-    if not convs:
-        raise ValueError("the model has no Linear or Conv2d layer to serve as classifier")
-    return convs[-1]
 
 
 def _probe_examples(model: nn.Module) -> list[torch.Tensor]:

@@ -6,15 +6,17 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
+from accelerate import PartialState
 from torch import nn
 from torch.utils.data import Dataset
 
-from aip.data import build_data
+from aip.data import DATASETS, build_data
 from aip.distill.adversarial import GRID
 from aip.distill.losses import kd_loss
 from aip.distill.step import DistillStep
 from aip.export import write_exports
 from aip.models import classifier_of, create_model, default_taps
+from aip.models.pretrained import pretrained_data
 from aip.prune.cost import model_cost
 from aip.tasks.base import Task
 
@@ -30,14 +32,21 @@ class ClassificationTask(Task):
     metrics = ("top1", "top5")
 
     def build_data(self, cfg: Config) -> Any:
-        return build_data(cfg.data)
+        """The data set, with a pretrained model's normalisation and sizes where the config leaves them unset."""
+        takes = getattr(DATASETS.get(cfg.data.name), "takes_pretrained", ())
+        data_cfg, note = pretrained_data(cfg, takes)
+        if note is not None:
+            PartialState().print(note)
+        return build_data(data_cfg)
 
     def example(self, data: Any) -> torch.Tensor:
         return data.train[0][0].unsqueeze(0)
 
     def create_model(self, cfg: Config, data: Any, example: torch.Tensor) -> nn.Module:
         m = cfg.model
-        return create_model(m.name, data.num_classes, data.input_shape[0], m.kwargs, example)
+        return create_model(
+            m.name, data.num_classes, data.input_shape[0], m.kwargs, example, m.pretrained, m.pretrained_file
+        )
 
     def cost(self, model: nn.Module, example: torch.Tensor) -> dict[str, int]:
         c = model_cost(model, example)
