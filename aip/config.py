@@ -56,7 +56,7 @@ DISC_INPUTS = ("logits", "softmax", "attention")
 SIMILARITY_SOURCES = ("weights", "features")
 CAPACITY_MODES = ("cap", "hierarchical")
 ACTIVATION_MODES = ("fraction", "threshold")
-EXPORT_FORMATS = ("pt2", "onnx")
+EXPORT_FORMATS = ("pt2", "onnx", "onnx_int8")
 # Accelerate's trackers (accelerate.utils.LoggerType less "all") and the pip package each needs.
 TRACKERS = {
     "tensorboard": "tensorboard",
@@ -212,6 +212,9 @@ def validate(cfg: Config) -> None:
         _choice(f"export.formats[{i}]", fmt, EXPORT_FORMATS)
     if len(set(cfg.export.formats)) < len(cfg.export.formats):
         raise ConfigError(f"export.formats: each format once, got {cfg.export.formats}")
+    _positive("export.calibration_images", cfg.export.calibration_images)
+    if not 0 <= cfg.export.int8_max_drop <= 100:
+        raise ConfigError(f"export.int8_max_drop: must lie in 0..100 (top-1 points), got {cfg.export.int8_max_drop}")
     for i, tracker in enumerate(cfg.logging.report_to):
         _choice(f"logging.report_to[{i}]", tracker, tuple(TRACKERS))
     if len(set(cfg.logging.report_to)) < len(cfg.logging.report_to):
@@ -334,6 +337,8 @@ def _validate_task(cfg: Config) -> None:
         raise ConfigError("prune.capacity.enabled: not supported yet with task detection; set it to false")
     if cfg.train.compile:
         raise ConfigError("train.compile: not supported yet with task detection; set it to false")
+    if "onnx_int8" in cfg.export.formats:
+        raise ConfigError("export.formats: onnx_int8 is not supported yet with task detection; remove it")
 
 
 def cxx_compiler() -> str | None:

@@ -90,18 +90,49 @@ def plot_stages(teacher: Row, stages: list[Row], path: Path) -> None:
     plt.close(fig)
 
 
+def deploy_lines(section: dict[str, Any]) -> list[str]:
+    """The `## Deploy` section of report.md: top-1 and onnxruntime CPU latency of each model's fp32 and int8 ONNX."""
+    batch = section["batch_size"]
+    head = f"| model | format | top-1 | top-1 vs fp32 | latency batch 1 (ms) | latency batch {batch} (ms) | size (MB) |"
+    lines = [
+        "## Deploy",
+        "",
+        f"onnxruntime {section['provider']}, {section['intra_op_threads']} intra-op thread(s), median latency; "
+        f"int8: {section['quantization']}, calibrated on {section['calibration_images']} training images.",
+        "",
+        head,
+        "|" + "---|" * (head.count("|") - 1),
+    ]
+    fp32 = {r["model"]: r["top1"] for r in section["rows"] if r["format"] == "onnx"}
+    for r in section["rows"]:
+        change = f"{r['top1'] - fp32[r['model']]:+.2f}" if r["model"] in fp32 else "-"
+        lines.append(
+            f"| {r['model']} | {r['format']} | {r['top1']:.2f} | {change} | {r['latency_ms_batch1']:.3f} "
+            f"| {r[f'latency_ms_batch{batch}']:.3f} | {r['size_mb']:.2f} |"
+        )
+    return lines
+
+
 def write_report(
-    run_dir: Path, teacher: Row, stages: list[Row], curve: list[Row] | None = None, notes: list[str] | None = None
+    run_dir: Path,
+    teacher: Row,
+    stages: list[Row],
+    curve: list[Row] | None = None,
+    notes: list[str] | None = None,
+    deploy: dict[str, Any] | None = None,
 ) -> str:
     """Write report.json, report.md and (with stages) report.png into the run directory; return the Markdown table.
     `curve` (train.eval_each_epoch): top-1 after each prune (epoch 0) and each recovery epoch, in report.json;
-    `notes`: what the run decided in the user's place (a fallback), in both files."""
+    `notes`: what the run decided in the user's place (a fallback), in both files; `deploy` (export.formats
+    onnx_int8): the fp32/int8 ONNX table of aip.deploy, in both files."""
     run_dir = Path(run_dir)
     out: dict[str, Any] = {"teacher": teacher, "stages": stages}
     if curve:
         out["curve"] = curve
     if notes:
         out["notes"] = notes
+    if deploy:
+        out["deploy"] = deploy
     (run_dir / "report.json").write_text(json.dumps(out, indent=1))
     table = "\n".join(table_lines(teacher, stages))
     what = (
@@ -112,6 +143,7 @@ def write_report(
     )
     extra = "".join(f"\n- {note}" for note in notes or [])
     extra = f"\n## Notes\n{extra}\n" if extra else ""
+    extra += "\n" + "\n".join(deploy_lines(deploy)) + "\n" if deploy else ""
     (run_dir / "report.md").write_text(f"# Stage table\n\n{what} on the validation set.\n\n{table}\n{extra}")
     if stages:
         plot_stages(teacher, stages, run_dir / "report.png")

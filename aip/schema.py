@@ -315,7 +315,14 @@ class ExportConfig:
     """The files the final pruned model is written as, beside the report."""
 
     formats: list[str] = option(
-        ["pt2", "onnx"], "pt2 (torch.export: model_pruned.pt2) and/or onnx (model_pruned.onnx); []: none"
+        ["pt2", "onnx"],
+        "pt2 (torch.export: model_pruned.pt2), onnx (model_pruned.onnx) and/or onnx_int8 (model_pruned_int8.onnx, "
+        "ONNX Runtime static int8; the report's deploy table: top-1 and CPU latency of teacher and student, fp32 and "
+        "int8; classification only); []: none",
+    )
+    calibration_images: int = option(256, "onnx_int8: training images (validation transform) calibrating int8 ranges")
+    int8_max_drop: float = option(
+        1.0, "onnx_int8: warn when a model's int8 top-1 is more than this many points below its fp32 ONNX top-1"
     )
 
 

@@ -28,6 +28,7 @@ from aip.batches import WholeBatches, device_transform, resolve_workers, whole_b
 from aip.checks import check_batches, check_names
 from aip.config import Config, ConfigError, save_config
 from aip.data import DataBundle
+from aip.deploy import write_deploy
 from aip.export import EXPORT_FILE
 from aip.export import FILES as EXPORT_FILES
 from aip.guards import check_modules, check_state
@@ -376,27 +377,26 @@ class Session:
                 "an earlier stage checkpoint, or delete this one"
             ) from None
 
-    def finish(self, student: nn.Module, finished: Path | None = None, history: list | None = None) -> Outcome:
-        """Export the pruned student (fp32, no autocast wrapper), then write the stage table and the pruning log.
-
-        `finished`: the last stage checkpoint of a run that had ended before this resume; its exports are then only
-        repaired, from that checkpoint's weights without training, where missing or not loading. `history`: the
-        pruning history, which a detector's export stores beside its weights."""
+    def finish(
+        self, student: nn.Module, finished: Path | None = None, history: list | None = None, teacher: Any = None
+    ) -> Outcome:
+        """Export the student (fp32, no autocast wrapper; a format that fails is a warning) and, with onnx_int8, its
+        deploy table beside `teacher`'s; write the stage table and pruning log. `finished`: the last stage checkpoint
+        of a run ended before this resume: exports are only repaired from it, where missing or not loading."""
         acc = self.accelerator
         student = acc.unwrap_model(student, keep_fp32_wrapper=False)
         acc.free_memory()
         if finished is None:
             check_modules(EXPORT_FILE, [student], acc)
         if self.main:
-            if finished is not None:
+            if repair := finished is not None:
                 load_weights(student, finished)
-            # Every configured format; one that fails is a warning, never a crash at the end of a long run.
-            repair = finished is not None
             written = self.task.export(self, student, history or [], repair)
-            if repair and written:
-                names = ", ".join(EXPORT_FILES.get(f, f) for f in written)
-                self.print(f"{names} missing or damaged in {self.run_dir}: exported again from {finished}")
-            table = write_report(self.run_dir, self.state.teacher, self.state.rows, self.state.curve, self.state.notes)
+            deploy = write_deploy(self, teacher, student, repair)  # int8 from the fp32 ONNX file written just now
+            if repair and (names := [EXPORT_FILES.get(f, f) for f in written] + deploy.written):
+                self.print(f"{', '.join(names)} missing or damaged in {self.run_dir}: exported again from {finished}")
+            s = self.state
+            table = write_report(self.run_dir, s.teacher, s.rows, s.curve, s.notes + deploy.notes, deploy.section)
             (self.run_dir / "pruning_log.json").write_text(json.dumps(self.state.pruning_log, indent=1))
             self.print(f"\n{table}\n\nrun directory: {self.run_dir}")
         acc.wait_for_everyone()

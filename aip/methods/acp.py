@@ -109,4 +109,4 @@ def run_acp(session: Session, resume: Path | None = None) -> Outcome:
             session, stage, student, teacher, disc, taps, pruner, restore=restore, start=start, losses=losses, val=val
         )
         end_stage(session, stage, prepared, val, base, pruner)
-    return session.finish(student, finished=ended, history=pruner.history())
+    return session.finish(student, finished=ended, history=pruner.history(), teacher=teacher)

@@ -280,4 +280,4 @@ def run_aip(session: Session, resume: Path | None = None, branch: Path | None = 
         latency = (lambda m: latency_ms(session, m, teacher, base["latency"])) if metric == "latency" else None
         end_stage(session, stage, prepared_student, val, base, pruner, latency)
 
-    return session.finish(student, finished=ended, history=pruner.history())
+    return session.finish(student, finished=ended, history=pruner.history(), teacher=teacher)
