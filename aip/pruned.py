@@ -17,6 +17,7 @@ from torch import nn
 
 from aip import checkpoint as ckpt
 from aip.config import Config, config_from_dict
+from aip.models.pretrained import architecture_only
 from aip.models.user import given_copy, given_name
 from aip.prune.restore import rebuild
 from aip.seeding import seeded
@@ -103,7 +104,7 @@ def _unpruned(cfg: Config, record: dict[str, Any], example: torch.Tensor, model:
         return copied
     shapes = Shapes(int(record["num_classes"]), tuple(record["example_shape"][1:]))
     with seeded(cfg.seed):
-        return task_for(cfg).create_model(cfg, shapes, example)
+        return task_for(cfg).create_model(architecture_only(cfg), shapes, example)  # the checkpoint's weights follow
 
 
 def load_pruned(path: str | Path, model: nn.Module | None = None) -> nn.Module:

@@ -32,6 +32,7 @@ from aip.deploy import write_deploy
 from aip.export import EXPORT_FILE
 from aip.export import FILES as EXPORT_FILES
 from aip.guards import check_modules, check_state
+from aip.models.pretrained import architecture_only
 from aip.models.user import given_name
 from aip.models.weights import load_into, load_state_dict_file
 from aip.prune.restore import load_weights
@@ -324,7 +325,8 @@ class Session:
         m = self.cfg.model
         given = m.teacher_checkpoint is not None and Path(path).resolve() == Path(m.teacher_checkpoint).resolve()
         state = load_state_dict_file(path, m.trust_checkpoint and given, m.checkpoint_rename if given else None)
-        model = self.new_model()
+        bare = architecture_only(self.cfg)  # the file's weights follow: no pretrained ones fetched for nothing
+        model = self.new_model() if self.model is not None else self.task.create_model(bare, self.data, self.example)
         what = f"model.teacher_checkpoint {str(path)!r} (model.name={m.name!r}, {self.data.num_classes} classes)"
         load_into(model, state, what)
         return model

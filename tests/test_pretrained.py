@@ -241,3 +241,23 @@ def test_debug_recipe_runs_from_a_timm_resnet18_file(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr[-2000:]
     assert "replaced by a new 10-class head" in done.stdout
     assert (tmp_path / "run" / "report.json").is_file()
+
+
+def test_a_teacher_file_and_a_pruned_run_load_without_fetching_pretrained_weights(
+    tmp_path: Path, offline: Path, monkeypatch: pytest.MonkeyPatch, fresh_accelerator_state: None
+) -> None:
+    """A checkpoint's weights replace the pretrained ones: loading one (a resume, aip.load_pruned) builds the bare
+    architecture and works offline with the pretrained file gone."""
+    path, _ = _timm_file(tmp_path, 4)
+    run = tiny_run(**{"model.name": TINY, "model.pretrained_file": str(path)})
+    session = Session(config_from_dict(run), tmp_path / "run")
+    torch.manual_seed(2)
+    saved = timm.create_model("test_resnet", num_classes=4).state_dict()
+    torch.save(saved, tmp_path / "teacher.pt")
+
+    def fetch(*_args: object, **_kwargs: object) -> torch.nn.Module:
+        raise AssertionError("pretrained weights fetched for a model whose weights are loaded from a checkpoint")
+
+    monkeypatch.setattr("aip.models.build_pretrained", fetch)
+    loaded = session.load_weights(tmp_path / "teacher.pt")
+    assert all(torch.equal(v, saved[k]) for k, v in loaded.state_dict().items())

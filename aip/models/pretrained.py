@@ -29,6 +29,17 @@ def wants_pretrained(m: ModelConfig) -> bool:
     return m.pretrained or m.pretrained_file is not None
 
 
+def architecture_only(cfg: Config) -> Config:
+    """`cfg` with the pretrained weights off (a torchvision weights name dropped): the same architecture, built
+    without fetching weights that a checkpoint then replaces (a resume or a load works offline)."""
+    m = cfg.model
+    if not wants_pretrained(m):
+        return cfg
+    kwargs = {k: v for k, v in (m.kwargs or {}).items() if k != "weights"}
+    model = dataclasses.replace(m, pretrained=False, pretrained_file=None, kwargs=kwargs)
+    return dataclasses.replace(cfg, model=model)
+
+
 def _one_line(exc: BaseException) -> str:
     text = " ".join(str(exc).split()) or type(exc).__name__
     return text[:300]

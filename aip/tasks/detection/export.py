@@ -106,7 +106,6 @@ def write_detection_exports(session: Session, model: nn.Module, history: list, o
         session.print("onnx: not written for detectors")
     if written:
         session.print(
-            f"exported {', '.join(written)}; rebuild the pruned detector with "
-            f"aip.tasks.detection.export.load_pruned_detector({str(weights)!r})"
+            f"exported {', '.join(written)}; rebuild the pruned detector with aip.load_pruned({str(weights)!r})"
         )
     return written
