@@ -255,8 +255,12 @@ class Session:
     def probe_model(self) -> nn.Module:
         """A model for the checks made before training, built without drawing from the global random streams: a
         check never changes the weights the run's teacher is then initialised with."""
-        with seeded(derive_seed(self.cfg.seed, "probe")):
-            return self.new_model()
+        with seeded(derive_seed(self.cfg.seed, "probe")):  # the architecture only: no pretrained weights read
+            return self.new_model() if self.model is not None else self._bare_model()
+
+    def _bare_model(self) -> nn.Module:
+        """The configured architecture without pretrained weights: for checks, and where a file's weights follow."""
+        return self.task.create_model(architecture_only(self.cfg), self.data, self.example)
 
     def optimizer(self, model: nn.Module) -> torch.optim.Optimizer:
         t = self.cfg.train
@@ -325,8 +329,7 @@ class Session:
         m = self.cfg.model
         given = m.teacher_checkpoint is not None and Path(path).resolve() == Path(m.teacher_checkpoint).resolve()
         state = load_state_dict_file(path, m.trust_checkpoint and given, m.checkpoint_rename if given else None)
-        bare = architecture_only(self.cfg)  # the file's weights follow: no pretrained ones fetched for nothing
-        model = self.new_model() if self.model is not None else self.task.create_model(bare, self.data, self.example)
+        model = self.new_model() if self.model is not None else self._bare_model()  # the file's weights follow
         what = f"model.teacher_checkpoint {str(path)!r} (model.name={m.name!r}, {self.data.num_classes} classes)"
         load_into(model, state, what)
         return model
