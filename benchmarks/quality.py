@@ -43,23 +43,30 @@ is resumed (`--resume auto`), anything else is a new directory, so no number fro
 from __future__ import annotations
 
 import argparse
-import hashlib
-import importlib.metadata
 import json
-import math
 import os
 import platform
-import subprocess
 import sys
 import tarfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-SHARED = REPO.parent / "shared"
+from quality_peers import PEERS, peer_args, peer_row, run_peer, write_subset
+from quality_peers import SCRIPT as SCRIPT_PATH
+from quality_report import describe, markdown, paired, plot, plot_curves
+from quality_runs import (
+    REPO,
+    SHARED,
+    aip_row,
+    cache_key_parts,
+    code_version,
+    fail,
+    portable,
+    portable_config,
+    run_arm,
+)
+
 TARGETS = ("0.5", "0.3")
-# The libraries whose version changes the numbers (kernels, pruning, transforms): part of every cache key.
-LIBRARIES = ("torch", "torchvision", "torch-pruning")
 LOSSES = {
     "ce": {"ce": {"weight": 1.0}, "kd": {"weight": 0.0}, "at": {"weight": 0.0}, "adv": {"weight": 0.0}},
     "kd": {"ce": {"weight": 0.7}, "kd": {"weight": 0.3}, "at": {"weight": 0.0}, "adv": {"weight": 0.0}},
@@ -102,57 +109,6 @@ SETTINGS = {
         "acp": {"particles": 3, "iterations": 2, "recovery_steps": 8, "holdout_size": 500, "calibration": 200},
     },
 }
-
-
-def fail(message: str) -> None:
-    sys.exit(f"error: {' '.join(message.split())}")
-
-
-def git(*args: str) -> bytes:
-    return subprocess.run(["git", *args], cwd=REPO, capture_output=True, check=True).stdout
-
-
-def code_version() -> dict:
-    """HEAD and its aip/ tree, plus a hash of the uncommitted changes under aip/ (tracked diff and untracked files)."""
-    try:
-        head = git("rev-parse", "HEAD").decode().strip()
-        tree = git("rev-parse", "HEAD:aip").decode().strip()
-        diff = git("diff", "HEAD", "--", "aip")
-        digest = hashlib.sha256(diff)
-        untracked = git("ls-files", "--others", "--exclude-standard", "--", "aip").decode().split()
-    except (OSError, subprocess.CalledProcessError) as exc:
-        fail(f"cannot read the code version with git in {REPO} ({exc}); run from a git checkout")
-    for name in sorted(untracked):
-        digest.update(name.encode() + b"\0" + (REPO / name).read_bytes())
-    return {
-        "commit": head,
-        "aip_tree": tree,
-        "aip_changes_sha256": digest.hexdigest(),
-        "dirty": bool(diff or untracked),
-    }
-
-
-def file_sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def library_versions() -> dict[str, str]:
-    """The installed version of each of LIBRARIES, as their package metadata says (nothing is imported)."""
-    try:
-        return {name: importlib.metadata.version(name) for name in LIBRARIES}
-    except importlib.metadata.PackageNotFoundError as exc:
-        fail(f"{exc.name} is not installed; pip install -e . first")
-
-
-def cache_key_parts(code: dict, weights: Path) -> dict:
-    """What, besides an arm's config, names its cached run: the aip/ code (not HEAD: other commits keep the cache),
-    the teacher file and the library versions. Shared with benchmarks/ablations.py, whose baseline runs are the
-    quality runs."""
-    return {
-        "code": {k: code[k] for k in ("aip_tree", "aip_changes_sha256")},
-        "teacher_sha256": file_sha256(weights),
-        "libraries": library_versions(),
-    }
 
 
 def find_data(path: str | None) -> Path:
@@ -232,83 +188,27 @@ def merge(base: dict, extra: dict) -> dict:
     return out
 
 
-def expected_stages(cfg: dict) -> int:
-    if cfg["mode"] == "acp":
-        return 1
-    return cfg["prune"]["intervals"] + (1 if cfg["prune"]["finetune_epochs"] > 0 else 0)
-
-
-def complete(run_dir: Path, key: str, cfg: dict) -> dict | None:
-    """The run's report and our record of it when both exist, match the key and hold every stage; else None."""
-    try:
-        report = json.loads((run_dir / "report.json").read_text())
-        meta = json.loads(run_dir.with_name(run_dir.name + ".done.json").read_text())
-    except (OSError, ValueError):
-        return None
-    if meta.get("key") != key or len(report.get("stages", [])) != expected_stages(cfg) or not report.get("teacher"):
-        return None
-    return {"report": report, **meta}
-
-
-def run_arm(cfg: dict, key_parts: dict, work: Path, label: str, dry: bool = False) -> dict | None:
-    """Run one arm in work/<label>-<key> (reused when complete with the same key); its report and wall time.
-    `dry`: only a complete cached run, else None."""
-    import yaml
-
-    from aip.train import main as train_main
-
-    key = hashlib.sha256(json.dumps({**key_parts, "config": cfg}, sort_keys=True).encode()).hexdigest()
-    run_dir = work / f"{label}-{key[:16]}"
-    done = complete(run_dir, key, cfg)
-    if done is not None:
-        print(f"{label}: cached in {run_dir}", flush=True)
-        return {**done, "cached": True, "run_dir": str(run_dir)}
-    if dry:
-        return None
-    # The run directory holds only the run (aip refuses foreign files there); our records lie beside it.
-    cfg_path = run_dir.with_name(run_dir.name + ".yaml")
-    done_path = run_dir.with_name(run_dir.name + ".done.json")
-    started_path = run_dir.with_name(run_dir.name + ".started")
-    work.mkdir(parents=True, exist_ok=True)
-    cfg_path.write_text(yaml.safe_dump(cfg, sort_keys=False))
-    done_path.unlink(missing_ok=True)
-    resumed = started_path.is_file() and run_dir.is_dir()  # an earlier try of this key was cut short
-    started_path.write_text(key + "\n")
-    print(f"{label}: {'resuming' if resumed else 'running'} in {run_dir}", flush=True)
-    start = time.perf_counter()
-    # Same key: an interrupted run goes on from its newest checkpoint (or from the start in its own directory).
-    code = train_main(["--config", str(cfg_path), "--out", str(run_dir), "--resume", "auto"])
-    if code != 0:
-        fail(f"the run {label} failed (exit {code}) in {run_dir}; see its output above")
-    seconds = time.perf_counter() - start
-    search = None
-    if cfg["mode"] == "acp":
-        log = json.loads((run_dir / "pruning_log.json").read_text())
-        search = next((e.get("seconds") for e in log if e.get("criterion") == "acp"), None)
-    meta = {"key": key, "seconds": seconds, "resumed": resumed, "search_seconds": search}
-    done_path.write_text(json.dumps(meta, indent=1))
-    done = complete(run_dir, key, cfg)
-    if done is None:
-        fail(f"the run {label} ended without a complete report.json in {run_dir}")
-    return {**done, "cached": False, "run_dir": str(run_dir)}
-
-
-from quality_report import curve_points, describe, markdown, paired, plot, plot_curves  # noqa: E402
+# Arms with the full seed count (--seeds, default 5); the others run the first 3 of those seeds.
+FULL_SEEDS = ("p_tp_ce", "p_tp_kd", "a_ce", "b_kd", "d_aip")
+# Report order: the peers first, then aip's arms.
+ALL_ARMS = (*PEERS, *ARMS)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="1 seed, small subset, both targets (about 10 minutes)")
-    parser.add_argument("--seeds", type=int, help="seeds per arm, 0..N-1 (default 3; --quick: 1)")
+    parser.add_argument("--seeds", type=int, help="seeds of the peers and arms a, b, d (default 5, the others 3)")
     parser.add_argument("--model", choices=sorted(MODELS), default="resnet20", help="the published teacher")
     parser.add_argument("--data", help="CIFAR-10 ImageFolder tree with train/ and test/ (default ~/.cache/aip/cifar10)")
     parser.add_argument("--weights", default=str(SHARED / "weights"), help="folder of the published teachers")
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
     parser.add_argument("--work", default=str(REPO / "benchmarks" / ".cache" / "quality"), help="run directories")
+    parser.add_argument("--subset", type=int, help="training images (default 6000; another budget: quality-s<N>.*)")
+    parser.add_argument("--arms", nargs="+", choices=ALL_ARMS, help="these arms only (the report is *-partial)")
     parser.add_argument(
         "--no-run",
         action="store_true",
-        help="run nothing: report the complete cached runs of this code (seeds that every arm finished) as *-partial",
+        help="run nothing: report the complete cached runs of this code (the seeds each arm finished) as *-partial",
     )
     parser.add_argument(
         "--targets",
@@ -319,18 +219,25 @@ def main() -> None:
         " target, then --no-run, write the whole report",
     )
     args = parser.parse_args()
-    seeds = list(range(args.seeds if args.seeds is not None else (1 if args.quick else 3)))
-    if not seeds:
+    n_seeds = args.seeds if args.seeds is not None else (1 if args.quick else 5)
+    if n_seeds < 1:
         fail("--seeds must be at least 1")
+    seeds_of = {arm: list(range(n_seeds if arm in FULL_SEEDS else min(3, n_seeds))) for arm in ALL_ARMS}
+    arms = [a for a in ALL_ARMS if a in (args.arms or ALL_ARMS)]
     code = code_version()  # before the engine is imported: the code these runs use
     model = MODELS[args.model]
     weights = Path(args.weights) / model["weights"]
     if not weights.is_file():
         fail(f"no published teacher at {weights}; pass --weights DIR (the folder of ../shared/weights)")
     data = find_data(args.data)
-    s = {**SETTINGS[args.quick], "recovery_epochs": recovery_epochs(SETTINGS[args.quick])}
+    s = {**SETTINGS[args.quick]}
+    if args.subset is not None:
+        if args.subset < s["batch_size"]:
+            fail(f"--subset must be at least one batch ({s['batch_size']} images)")
+        s["subset"] = args.subset
+    s["recovery_epochs"] = recovery_epochs(s)
     a = s["acp"]
-    s["recovery_steps"] = s["recovery_epochs"] * math.ceil(s["subset"] / s["batch_size"])
+    s["recovery_steps"] = s["recovery_epochs"] * (s["subset"] // s["batch_size"])
     s["acp_search_steps"] = a["particles"] * a["iterations"] * a["recovery_steps"]  # besides the recovery
     tag = "quick" if args.quick else "full"
     work = Path(args.work)
@@ -339,88 +246,65 @@ def main() -> None:
     import torch
 
     key_parts = cache_key_parts(code, weights)
+    subset_file = write_subset(data, s["subset"], work)
     started = time.perf_counter()
-    runs: dict = {t: {arm: [] for arm in ARMS} for t in TARGETS}
-    teacher_row, missing = None, []
+    runs: dict = {t: {arm: [] for arm in arms} for t in TARGETS}
+    teacher_row, missing = None, [f"{arm} (not asked for)" for arm in ALL_ARMS if arm not in arms]
     for target in TARGETS:
-        if target not in args.targets:
-            missing += [f"{args.model}-{arm}-t{target}-s{seed}" for seed in seeds for arm in ARMS]
-            continue
-        for seed in seeds:  # seed-major: a cut-short sitting still has paired arms for the seeds it reached
-            for arm in ARMS:
-                cfg = arm_config(arm, model, weights, data, s, float(target), seed)
-                label = f"{args.model}-{arm}-t{target}-s{seed}"
-                done = run_arm(cfg, key_parts, work, label, dry=args.no_run)
-                if done is None:
+        for seed in range(n_seeds):  # seed-major: a cut-short sitting still has paired arms for the seeds it reached
+            for arm in (a for a in arms if seed in seeds_of[a]):
+                label = f"{args.model}-{arm}-t{target}-s{seed}" + (f"-n{args.subset}" if args.subset else "")
+                if target not in args.targets:
                     missing.append(label)
                     continue
-                report = done["report"]
-                t, final = report["teacher"], report["stages"][-1]
-                teacher_row = teacher_row or t
-                runs[target][arm].append(
-                    {
-                        "seed": seed,
-                        "top1": final["top1"],
-                        "top5": final["top5"],
-                        "flops_ratio": final["flops"] / t["flops"],
-                        "params_ratio": final["params"] / t["params"],
-                        "seconds": done["seconds"],
-                        "search_seconds": done.get("search_seconds"),
-                        "cached": done["cached"],
-                        "resumed": done.get("resumed", False),
-                        "run_dir": done["run_dir"],
-                        "key": done["key"],
-                        "stages": [
-                            {
-                                "stage": st["stage"],
-                                "kind": st["kind"],
-                                "flops_ratio": st["flops"] / t["flops"],
-                                "top1": st["top1"],
-                            }
-                            for st in report["stages"]
-                        ],
-                        "curve": curve_points(report),
-                    }
-                )
-                print(f"{label}: top-1 {final['top1']:.2f} ({done['seconds']:.0f} s)", flush=True)
-    if missing:  # --no-run: keep the seeds every arm of a target finished, and the targets that have one
-        for t in TARGETS:
-            full = [x for x in seeds if all(any(r["seed"] == x for r in rs) for rs in runs[t].values())]
-            runs[t] = {arm: [r for r in rs if r["seed"] in full] for arm, rs in runs[t].items()}
-        runs = {t: rs for t, rs in runs.items() if rs["a_ce"]}
-        if not runs:
-            fail(f"no target has a seed that every arm finished with this code; missing: {', '.join(missing)}")
+                if arm in PEERS:
+                    pa = peer_args(arm, args.model, s, float(target), seed)
+                    done = run_peer(pa, weights, data, subset_file, key_parts, work, label, dry=args.no_run)
+                    row = None if done is None else peer_row(done)
+                else:
+                    cfg = arm_config(arm, model, weights, data, s, float(target), seed)
+                    done = run_arm(cfg, key_parts, work, label, dry=args.no_run)
+                    row = None if done is None else aip_row(done)
+                if row is None:
+                    missing.append(label)
+                    continue
+                teacher_row = row.pop("teacher", None) or teacher_row
+                runs[target][arm].append({"seed": seed, **row})
+                print(f"{label}: top-1 {row['top1']:.2f} ({row['seconds']:.0f} s)", flush=True)
+    runs = {t: {arm: rs for arm, rs in by_arm.items() if rs} for t, by_arm in runs.items()}
+    runs = {t: by_arm for t, by_arm in runs.items() if by_arm}
+    if not runs:
+        fail(f"no run of this code is complete; missing: {', '.join(missing)}")
+    if teacher_row is None:
+        fail("an aip arm is needed for the teacher's row (its top-1 and FLOPs); add a_ce to --arms")
     targets = list(runs)
     results = {t: {arm: [r["top1"] for r in rs] for arm, rs in runs[t].items()} for t in targets}
-    curves = {t: {arm: [r["curve"] for r in rs] for arm, rs in runs[t].items()} for t in targets}
-    stats = {
-        t: {
-            "per_arm": {arm: describe(v) for arm, v in results[t].items()},
-            "vs_a": {arm: paired(v, results[t]["a_ce"]) for arm, v in results[t].items() if arm != "a_ce"},
-            "steps": {f"{x} - {y}": paired(results[t][x], results[t][y]) for x, y in STEPS},
-        }
-        for t in targets
-    }
+    curves = {t: {arm: [r["curve"] for r in rs] for arm, rs in runs[t].items() if rs[0]["curve"]} for t in targets}
+    stats = {t: statistics_of(runs[t]) for t in targets}
     cpu = platform.processor() or platform.machine()
     out = {
         "command": "python benchmarks/quality.py"
         + (" --quick" if args.quick else "")
-        + f" --seeds {len(seeds)} --model {args.model}",
+        + f" --seeds {n_seeds} --model {args.model}"
+        + (f" --subset {args.subset}" if args.subset else "")
+        + (f" --arms {' '.join(args.arms)}" if args.arms else ""),
         "teacher": {
             "name": f"CIFAR {args.model.replace('resnet', 'ResNet-')} (pytorch-cifar-models)",
             "file": weights.name,
             "published_top1": model["published_top1"],
             **teacher_row,
         },
-        "seeds": sorted({r["seed"] for t in targets for r in runs[t]["a_ce"]}),
-        "seeds_per_target": {t: [r["seed"] for r in runs[t]["a_ce"]] for t in targets},
+        "data": "lossless CIFAR-10 (../shared/data/cifar10.tar.gz, ImageFolder tree, pixel-exact WebP)",
+        "seeds": sorted({r["seed"] for t in targets for rs in runs[t].values() for r in rs}),
+        "seeds_per_arm": {arm: seeds_of[arm] for arm in arms},
         "missing": missing,
         "results": results,
         "curves": curves,
         "paired": stats,
         "runs": runs,
         "settings": s,
-        "configs_example": arm_config("d_aip", model, weights, data, s, 0.5, 0),
+        "configs_example": portable_config(arm_config("d_aip", model, weights, data, s, 0.5, 0)),
+        "peer_example": {"script": portable(SCRIPT_PATH), **peer_args("p_tp_kd", args.model, s, 0.5, 0)},
         "wall_seconds": time.perf_counter() - started,
         "machine": {
             "description": f"{cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, CPU",
@@ -433,13 +317,39 @@ def main() -> None:
     }
     dest = Path(args.out)
     dest.mkdir(parents=True, exist_ok=True)
-    stem = ("quality-quick" if args.quick else "quality") + ("-partial" if missing else "")
+    stem = "quality-quick" if args.quick else "quality"
+    stem += (f"-s{args.subset}" if args.subset else "") + ("-partial" if missing else "")
     (dest / f"{stem}.json").write_text(json.dumps(out, indent=1))
     lines = markdown(out, tag)
     (dest / f"{stem}.md").write_text("\n".join(lines) + "\n")
     plot(out, dest / f"{stem}.png")
     plot_curves(out, dest / f"{stem}-curves.png")
     print("\n".join(lines))
+
+
+def statistics_of(by_arm: dict[str, list[dict]]) -> dict:
+    """Per arm: mean and spread; paired over the seeds both ran: each arm against a_ce and against p_tp_kd, and each
+    added ingredient (STEPS)."""
+
+    def pair(x: str, y: str) -> dict | None:
+        if x not in by_arm or y not in by_arm:
+            return None
+        ys = {r["seed"]: r["top1"] for r in by_arm[y]}
+        common = [r for r in by_arm[x] if r["seed"] in ys]
+        if not common:
+            return None
+        return {
+            "seeds": [r["seed"] for r in common],
+            **paired([r["top1"] for r in common], [ys[r["seed"]] for r in common]),
+        }
+
+    per_arm = {arm: describe([r["top1"] for r in rs]) for arm, rs in by_arm.items()}
+    return {
+        "per_arm": per_arm,
+        "vs_a": {arm: p for arm in by_arm if arm != "a_ce" and (p := pair(arm, "a_ce"))},
+        "vs_peer": {arm: p for arm in by_arm if arm != "p_tp_kd" and (p := pair(arm, "p_tp_kd"))},
+        "steps": {f"{x} - {y}": p for x, y in STEPS if (p := pair(x, y))},
+    }
 
 
 if __name__ == "__main__":

@@ -17,17 +17,22 @@ def describe(values: list[float]) -> dict:
 
 
 def paired(xs: list[float], ys: list[float]) -> dict:
-    """Paired difference x - y over seeds: mean, std, standard error, and the call (win only beyond 2 SE)."""
-    d = describe([x - y for x, y in zip(xs, ys, strict=True)])
-    if d["se"] is None:
+    """Paired difference x - y over seeds: mean, std, standard error, a two-sided paired t-test's p, and the call
+    (a win or a loss only where p < 0.05)."""
+    from scipy.stats import ttest_rel
+
+    differences = [x - y for x, y in zip(xs, ys, strict=True)]
+    d = describe(differences)
+    p = None
+    if d["std"] is None:
         call = "n/a (one seed)"
-    elif d["mean"] > 2 * d["se"]:
-        call = "win"
-    elif d["mean"] < -2 * d["se"]:
-        call = "loss"
     else:
-        call = "no difference"
-    return {**d, "differences": [x - y for x, y in zip(xs, ys, strict=True)], "call": call}
+        p = float(ttest_rel(xs, ys).pvalue) if d["std"] > 0 else (0.0 if d["mean"] != 0 else 1.0)
+        call = "no difference" if p >= ALPHA else ("win" if d["mean"] > 0 else "loss")
+    return {**d, "p": p, "differences": differences, "call": call}
+
+
+ALPHA = 0.05  # the two-sided paired t-test's level for a win or a loss
 
 
 def fmt(v: float | None, sign: bool = False) -> str:
@@ -36,29 +41,40 @@ def fmt(v: float | None, sign: bool = False) -> str:
     return f"{v:+.2f}" if sign else f"{v:.2f}"
 
 
+def pfmt(p: dict | None) -> str:
+    """A paired comparison as 'mean (p) call' for a table cell."""
+    if not p:
+        return "-"
+    return f"{fmt(p['mean'], True)} (p {p['p']:.3f}) {p['call']}" if p.get("p") is not None else fmt(p["mean"], True)
+
+
 def markdown(out: dict, tag: str) -> list[str]:
     s, teacher = out["settings"], out["teacher"]
     lines = [
         f"# Quality: CIFAR-10, published {teacher['name']} teacher, 50% and 30% FLOPs ({tag})",
         "",
-        f"Command: `{out['command']}` on {out['machine']['description']}, torch {out['machine']['torch']}; "
-        f"{out['wall_seconds'] / 60:.0f} minutes (cached runs count as 0). Code {out['code']['commit'][:10]}"
+        f"Command: `{out['command']}` on {out['machine']['description']}, torch {out['machine']['torch']}, "
+        f"torch-pruning {out['machine']['libraries']['torch-pruning']}; {out['wall_seconds'] / 60:.0f} minutes "
+        f"(cached runs count as 0). Code {out['code']['commit'][:10]}"
         f"{' + uncommitted aip/ changes' if out['code']['aip_changes_sha256'] != EMPTY_SHA else ''}.",
         "",
         f"Teacher: {teacher['file']} (top-1 {teacher['top1']:.2f} here, published {teacher['published_top1']:.2f}). "
-        f"Training subset {s['subset']} images (fixed), batch {s['batch_size']}, lr {s['lr']} (cosine per stage); "
-        f"arms a-e: L1 (e: hybrid) in {s['intervals']} intervals x {s['between']} epochs + {s['finetune']} "
-        f"fine-tune epochs ({s['recovery_epochs']} recovery epochs); f_acp: width search (swarm "
-        f"{s['acp']['particles']} particles x {s['acp']['iterations']} iterations x {s['acp']['recovery_steps']} "
-        f"steps, {s['acp']['holdout_size']} held-out images: {s['acp_search_steps']} training steps besides the "
-        f"{s['recovery_steps']} of every arm's recovery) then one AIP recovery of {s['recovery_epochs']} epochs. "
-        f"Top-1 on the full 10,000-image test set; seeds {out['seeds_per_target']}.",
+        f"Data: {out['data']}. Training subset {s['subset']} images (fixed, the same files for every arm), batch "
+        f"{s['batch_size']}, SGD lr {s['lr']} (momentum 0.9, weight decay 5e-4, cosine per phase); "
+        f"{s['intervals']} pruning steps x {s['between']} epochs + {s['finetune']} fine-tune epochs "
+        f"({s['recovery_epochs']} recovery epochs). Peers (`benchmarks/peers/torch_pruning_kd.py`): Torch-Pruning's "
+        "MetaPruner, GroupMagnitudeImportance(p=1), global, its linear iterative schedule, one ratio bisected to "
+        "the FLOPs target; p_tp_ce: cross-entropy, p_tp_kd: 0.7 CE + 0.3 T^2 KL at T=4. aip arms a-e: L1 "
+        f"(e: hybrid); f_acp: width search (swarm {s['acp']['particles']} particles x {s['acp']['iterations']} "
+        f"iterations x {s['acp']['recovery_steps']} steps on {s['acp']['holdout_size']} held-out images: "
+        f"{s['acp_search_steps']} training steps besides the recovery). Top-1 on the full 10,000-image test set. "
+        "Seeds per arm: " + ", ".join(f"{arm} {len(v)}" for arm, v in out["seeds_per_arm"].items()) + ".",
         "",
     ]
     if out.get("missing"):
         lines += [
-            f"**Partial** (`--no-run`): {len(out['missing'])} runs of this code are not finished yet and are left "
-            f"out, with every seed of a target that lacks one of its arms: {', '.join(out['missing'])}.",
+            f"**Partial**: {len(out['missing'])} runs are left out (not asked for, or not finished with this code): "
+            f"{', '.join(out['missing'])}.",
             "",
         ]
     for target in out["results"]:
@@ -66,14 +82,13 @@ def markdown(out: dict, tag: str) -> list[str]:
         lines += [
             f"## {float(target):.0%} of the teacher's FLOPs",
             "",
-            "| arm | top-1 mean | std | per seed | FLOPs ratio | params ratio | vs a: mean | std | SE | call "
-            "| vs teacher | wall (s) |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|",
+            "| arm | top-1 mean | std | per seed | FLOPs ratio | params ratio | vs p_tp_kd | vs a_ce | vs teacher "
+            "| wall (s) |",
+            "|---|---|---|---|---|---|---|---|---|---|",
         ]
         for arm, rs in runs.items():
             top1 = [r["top1"] for r in rs]
             d = describe(top1)
-            p = stats["vs_a"].get(arm)
             wall = statistics.mean(r["seconds"] for r in rs)
             search = [r["search_seconds"] for r in rs if r.get("search_seconds") is not None]
             wall_s = f"{wall:.0f}" + (f" (search {statistics.mean(search):.0f})" if search else "")
@@ -81,21 +96,23 @@ def markdown(out: dict, tag: str) -> list[str]:
                 f"| {arm} | {d['mean']:.2f} | {fmt(d['std'])} | {', '.join(f'{v:.2f}' for v in top1)} "
                 f"| {statistics.mean(r['flops_ratio'] for r in rs):.3f} "
                 f"| {statistics.mean(r['params_ratio'] for r in rs):.3f} "
-                + (
-                    f"| {fmt(p['mean'], True)} | {fmt(p['std'])} | {fmt(p['se'])} | {p['call']} "
-                    if p
-                    else "| - | - | - | - "
-                )
-                + f"| {d['mean'] - teacher['top1']:+.2f} | {wall_s} |"
+                f"| {pfmt(stats['vs_peer'].get(arm))} | {pfmt(stats['vs_a'].get(arm))} "
+                f"| {d['mean'] - teacher['top1']:+.2f} | {wall_s} |"
             )
-        lines += ["", "Each added ingredient (paired over seeds):", "", "| comparison | mean | std | SE | call |"]
-        lines.append("|---|---|---|---|---|")
-        for name, p in stats["steps"].items():
-            lines.append(f"| {name} | {fmt(p['mean'], True)} | {fmt(p['std'])} | {fmt(p['se'])} | {p['call']} |")
+        if stats["steps"]:
+            lines += ["", "Each added ingredient (paired over seeds):", ""]
+            lines += ["| comparison | seeds | mean | std | SE | p | call |", "|---|---|---|---|---|---|---|"]
+            for name, p in stats["steps"].items():
+                p_value = "-" if p["p"] is None else f"{p['p']:.3f}"
+                lines.append(
+                    f"| {name} | {len(p['seeds'])} | {fmt(p['mean'], True)} | {fmt(p['std'])} | {fmt(p['se'])} "
+                    f"| {p_value} | {p['call']} |"
+                )
         lines.append("")
     lines += [
-        "A win: the paired mean difference to arm a (same seed) exceeds twice its standard error. f_acp's wall time "
-        "includes its width search (in brackets); its recovery has as many epochs as the others' whole schedule.",
+        "Paired differences are taken over the seeds both arms ran (same seed: same data order where the code is "
+        "the same); a win or a loss only where a two-sided paired t-test gives p < 0.05. f_acp's wall time includes "
+        "its width search (in brackets).",
     ]
     lines += curve_table(out)
     return lines
@@ -121,8 +138,8 @@ def curve_table(out: dict) -> list[str]:
         "",
         "## Recovery curves",
         "",
-        "Mean top-1 over seeds after each prune (p, at the epochs spent so far) and after each recovery epoch (e); "
-        "f_acp prunes once, after its search. Plot: quality-curves.png.",
+        "Mean top-1 over seeds after each prune (p, at the epochs spent so far) and after each recovery epoch (e) "
+        "of aip's arms; f_acp prunes once, after its search. Plot: quality-curves.png.",
     ]
     for target in out["results"]:
         lines += ["", f"### {float(target):.0%} of the teacher's FLOPs", ""]

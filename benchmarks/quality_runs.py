@@ -1,0 +1,173 @@
+"""The quality benchmark's runs: the cache key (aip/ code, teacher file, library versions), one aip arm run in its
+own directory and reused when complete, and the rows the results files record (paths relative, never this
+machine's). See benchmarks/quality.py."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from quality_report import curve_points
+
+REPO = Path(__file__).resolve().parent.parent
+SHARED = REPO.parent / "shared"
+# The libraries whose version changes the numbers (kernels, pruning, transforms): part of every cache key.
+LIBRARIES = ("torch", "torchvision", "torch-pruning")
+
+
+def fail(message: str) -> None:
+    sys.exit(f"error: {' '.join(message.split())}")
+
+
+def git(*args: str) -> bytes:
+    return subprocess.run(["git", *args], cwd=REPO, capture_output=True, check=True).stdout
+
+
+def code_version() -> dict:
+    """HEAD and its aip/ tree, plus a hash of the uncommitted changes under aip/ (tracked diff and untracked files)."""
+    try:
+        head = git("rev-parse", "HEAD").decode().strip()
+        tree = git("rev-parse", "HEAD:aip").decode().strip()
+        diff = git("diff", "HEAD", "--", "aip")
+        digest = hashlib.sha256(diff)
+        untracked = git("ls-files", "--others", "--exclude-standard", "--", "aip").decode().split()
+    except (OSError, subprocess.CalledProcessError) as exc:
+        fail(f"cannot read the code version with git in {REPO} ({exc}); run from a git checkout")
+    for name in sorted(untracked):
+        digest.update(name.encode() + b"\0" + (REPO / name).read_bytes())
+    return {
+        "commit": head,
+        "aip_tree": tree,
+        "aip_changes_sha256": digest.hexdigest(),
+        "dirty": bool(diff or untracked),
+    }
+
+
+def file_sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def library_versions() -> dict[str, str]:
+    """The installed version of each of LIBRARIES, as their package metadata says (nothing is imported)."""
+    try:
+        return {name: importlib.metadata.version(name) for name in LIBRARIES}
+    except importlib.metadata.PackageNotFoundError as exc:
+        fail(f"{exc.name} is not installed; pip install -e . first")
+
+
+def cache_key_parts(code: dict, weights: Path) -> dict:
+    """What, besides an arm's config, names its cached run: the aip/ code (not HEAD: other commits keep the cache),
+    the teacher file and the library versions. Shared with benchmarks/ablations.py, whose baseline runs are the
+    quality runs."""
+    return {
+        "code": {k: code[k] for k in ("aip_tree", "aip_changes_sha256")},
+        "teacher_sha256": file_sha256(weights),
+        "libraries": library_versions(),
+    }
+
+
+def expected_stages(cfg: dict) -> int:
+    if cfg["mode"] == "acp":
+        return 1
+    return cfg["prune"]["intervals"] + (1 if cfg["prune"]["finetune_epochs"] > 0 else 0)
+
+
+def complete(run_dir: Path, key: str, cfg: dict) -> dict | None:
+    """The run's report and our record of it when both exist, match the key and hold every stage; else None."""
+    try:
+        report = json.loads((run_dir / "report.json").read_text())
+        meta = json.loads(run_dir.with_name(run_dir.name + ".done.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if meta.get("key") != key or len(report.get("stages", [])) != expected_stages(cfg) or not report.get("teacher"):
+        return None
+    return {"report": report, **meta}
+
+
+def run_arm(cfg: dict, key_parts: dict, work: Path, label: str, dry: bool = False) -> dict | None:
+    """Run one arm in work/<label>-<key> (reused when complete with the same key); its report and wall time.
+    `dry`: only a complete cached run, else None."""
+    import yaml
+
+    from aip.train import main as train_main
+
+    key = hashlib.sha256(json.dumps({**key_parts, "config": cfg}, sort_keys=True).encode()).hexdigest()
+    run_dir = work / f"{label}-{key[:16]}"
+    done = complete(run_dir, key, cfg)
+    if done is not None:
+        print(f"{label}: cached in {run_dir}", flush=True)
+        return {**done, "cached": True, "run_dir": str(run_dir)}
+    if dry:
+        return None
+    # The run directory holds only the run (aip refuses foreign files there); our records lie beside it.
+    cfg_path = run_dir.with_name(run_dir.name + ".yaml")
+    done_path = run_dir.with_name(run_dir.name + ".done.json")
+    started_path = run_dir.with_name(run_dir.name + ".started")
+    work.mkdir(parents=True, exist_ok=True)
+    cfg_path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    done_path.unlink(missing_ok=True)
+    resumed = started_path.is_file() and run_dir.is_dir()  # an earlier try of this key was cut short
+    started_path.write_text(key + "\n")
+    print(f"{label}: {'resuming' if resumed else 'running'} in {run_dir}", flush=True)
+    start = time.perf_counter()
+    # Same key: an interrupted run goes on from its newest checkpoint (or from the start in its own directory).
+    code = train_main(["--config", str(cfg_path), "--out", str(run_dir), "--resume", "auto"])
+    if code != 0:
+        fail(f"the run {label} failed (exit {code}) in {run_dir}; see its output above")
+    seconds = time.perf_counter() - start
+    search = None
+    if cfg["mode"] == "acp":
+        log = json.loads((run_dir / "pruning_log.json").read_text())
+        search = next((e.get("seconds") for e in log if e.get("criterion") == "acp"), None)
+    meta = {"key": key, "seconds": seconds, "resumed": resumed, "search_seconds": search}
+    done_path.write_text(json.dumps(meta, indent=1))
+    done = complete(run_dir, key, cfg)
+    if done is None:
+        fail(f"the run {label} ended without a complete report.json in {run_dir}")
+    return {**done, "cached": False, "run_dir": str(run_dir)}
+
+
+def aip_row(done: dict) -> dict:
+    """One aip run's row: final top-1/top-5, cost ratios, wall time, stages and recovery curve."""
+    report = done["report"]
+    t, final = report["teacher"], report["stages"][-1]
+    return {
+        "top1": final["top1"],
+        "top5": final["top5"],
+        "flops_ratio": final["flops"] / t["flops"],
+        "params_ratio": final["params"] / t["params"],
+        "seconds": done["seconds"],
+        "search_seconds": done.get("search_seconds"),
+        "cached": done["cached"],
+        "resumed": done.get("resumed", False),
+        "run_dir": portable(done["run_dir"]),
+        "key": done["key"],
+        "teacher": t,
+        "stages": [
+            {"stage": st["stage"], "kind": st["kind"], "flops_ratio": st["flops"] / t["flops"], "top1": st["top1"]}
+            for st in report["stages"]
+        ],
+        "curve": curve_points(report),
+    }
+
+
+def portable(path: str | Path) -> str:
+    """A path as the results files record it: relative to the repository (or to ../shared), never this machine's."""
+    p = Path(path).resolve()
+    for base, name in ((REPO, "."), (SHARED, "../shared")):
+        if p.is_relative_to(base):
+            return str(Path(name) / p.relative_to(base))
+    return p.name
+
+
+def portable_config(cfg: dict) -> dict:
+    """An arm's config as the results files record it: the teacher file and data tree named, not this machine's."""
+    out = json.loads(json.dumps(cfg))
+    out["model"]["teacher_checkpoint"] = portable(cfg["model"]["teacher_checkpoint"])
+    out["data"]["root"] = "<lossless CIFAR-10 tree, extracted from ../shared/data/cifar10.tar.gz>"
+    return out
