@@ -3,7 +3,6 @@ to the best widths with Torch-Pruning, and recover it (AIP losses or plain fine-
 
 from __future__ import annotations
 
-import copy
 import time
 from pathlib import Path
 
@@ -11,26 +10,14 @@ import torch
 from accelerate.utils import broadcast_object_list
 from torch import nn
 
-from aip import checkpoint as ckpt
 from aip.config import KDLoss, LossConfig, WeightedLoss
 from aip.errors import ConfigError
-from aip.methods.aip import check_round_to, round_to, target_ratio
-from aip.methods.recovery import (
-    Stage,
-    check_same_architecture,
-    check_taps,
-    discriminator,
-    end_stage,
-    recover,
-    restore_stage,
-    tap_names,
-)
-from aip.methods.train import load_teacher
+from aip.methods.pruning import start_pruning, target_ratio
+from aip.methods.recovery import Stage, check_same_architecture, end_stage
 from aip.prune.pruner import ChannelPruner
-from aip.prune.restore import restore_pruned
 from aip.search.fitness import cut_to_widths, split_search_data
 from aip.search.widths import search_widths
-from aip.session import Outcome, RunState, Session
+from aip.session import Outcome, Session
 
 
 def acp_prune(session: Session, teacher: nn.Module, pruner: ChannelPruner, base: dict[str, int], metric: str) -> None:
@@ -68,45 +55,18 @@ def acp_prune(session: Session, teacher: nn.Module, pruner: ChannelPruner, base:
     )
 
 
-def run_acp(session: Session, resume: Path | None = None) -> Outcome:
-    """`mode: acp`: search, cut, recover; report and export.
-
-    A resumed run goes on as `run_aip` does: the architecture is replayed from the checkpoint's history, and the
-    weights, optimizer and RNG states come back from its stage-end or mid-stage checkpoint."""
-    acc, cfg = session.accelerator, session.cfg
-    check_taps(session)
-    check_round_to(session)
-    teacher = load_teacher(session, resume.parent.parent if resume is not None else None)
-    student = copy.deepcopy(teacher).requires_grad_(True).train()
-    taps = tap_names(session, student)
-    disc = discriminator(session, taps)
-    history, meta = ckpt.read(resume) if resume is not None else ([], {})
-    prunable, example, ignored = session.task.prunable(student, session.example.to(acc.device))
-    grid = round_to(session, meta.get("state"))
-    pruner = ChannelPruner(prunable, example, ignored, cfg.prune.max_layer_ratio, grid)
-    base = session.cost(student)
-    metric = "flops" if cfg.prune.target_flops_ratio is not None else "params"
-    val = acc.prepare_data_loader(session.val_loader())
-    stage = Stage(1, "acp", cfg.prune.finetune_epochs, target_ratio(cfg))
-    partial = None
-    if resume is not None:
-        restore_pruned(pruner, student, history)  # the weights come back through Accelerate (restore_stage, recover)
-        session.state = RunState.restored(meta["state"], round_to=session.state.round_to)
-        partial = meta.get("partial")
-        session.print(f"resumed from {resume} after stage {session.state.stage}")
-    ended = resume if resume is not None and partial is None and session.state.stage >= stage.index else None
-    if not session.state.teacher:
-        session.state.teacher = {**base, **session.metrics(teacher, val)}
-    if resume is not None and partial is None:
-        restore_stage(session, resume, student, disc, stage.epochs)
+def run_acp(session: Session, resume: Path | None = None, branch: Path | None = None) -> Outcome:
+    """`mode: acp`: search, cut, recover as one stage; report and export. A resumed run goes on as `run_aip` does:
+    the architecture is replayed from the checkpoint's history, the weights and states come back through Accelerate."""
+    if branch is not None:
+        raise ConfigError("--from-stage branches an AIP run; mode acp searches its structure from the teacher")
+    run = start_pruning(session, resume)
+    stage = Stage(1, "acp", session.cfg.prune.finetune_epochs, target_ratio(session.cfg))
+    run.restore_stage_end([stage])
     if session.state.stage < stage.index:
-        if partial is None:
-            acp_prune(session, teacher, pruner, base, metric)
-        plain = LossConfig(WeightedLoss(1.0), KDLoss(weight=0.0), WeightedLoss(0.0), WeightedLoss(0.0))
-        losses = plain if cfg.acp.final == "finetune" else None
-        restore, start = (resume, (partial["epoch"], partial["batch"])) if partial else (None, (0, 0))
-        prepared = recover(
-            session, stage, student, teacher, disc, taps, pruner, restore=restore, start=start, losses=losses, val=val
-        )
-        end_stage(session, stage, prepared, val, base, pruner)
-    return session.finish(student, finished=ended, history=pruner.history(), teacher=teacher)
+        if not run.resuming_in(stage):
+            acp_prune(session, run.teacher, run.pruner, run.base, run.metric)
+        plain = LossConfig(ce=WeightedLoss(1.0), kd=KDLoss(weight=0.0), at=WeightedLoss(0.0), adv=WeightedLoss(0.0))
+        prepared = run.recover(stage, losses=plain if session.cfg.acp.final == "finetune" else None)
+        end_stage(session, stage, prepared, run.val, run.base, run.pruner)
+    return run.finish(stage)

@@ -10,8 +10,9 @@ from aip.report import write_report
 from aip.session import Outcome, Session
 
 
-def run_eval(session: Session) -> Outcome:
-    """Load the configured checkpoint (or take the given model), measure it, write report.json / report.md."""
+def run_eval(session: Session, resume: Path | None = None, branch: Path | None = None) -> Outcome:
+    """Load the configured checkpoint (or take the given model), measure it, write report.json / report.md (the
+    runner refuses `resume` and `branch` in this mode)."""
     started = time.perf_counter()
     acc = session.accelerator
     checkpoint = session.cfg.model.teacher_checkpoint

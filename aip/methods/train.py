@@ -10,6 +10,7 @@ from torch import nn
 
 from aip.accel import strip_autocast
 from aip.compiled import compiled
+from aip.errors import ConfigError
 from aip.guards import HINT, NonFiniteError, check_losses, check_outputs
 from aip.models.pretrained import head_note, wants_pretrained
 from aip.report import write_report
@@ -58,8 +59,11 @@ def train_supervised(session: Session, model: nn.Module, epochs: int, tag: str) 
     return model
 
 
-def run_train(session: Session) -> Outcome:
-    """`mode: train`: supervised training; writes model.pt (usable as model.teacher_checkpoint) and the report."""
+def run_train(session: Session, resume: Path | None = None, branch: Path | None = None) -> Outcome:
+    """`mode: train`: supervised training; writes model.pt (usable as model.teacher_checkpoint) and the report.
+    It writes no stage checkpoints, so there is nothing to resume or branch from."""
+    if resume is not None or branch is not None:
+        raise ConfigError("mode train writes no stage checkpoints; it takes no --resume checkpoint or --from-stage")
     note = head_note(session.cfg.model, session.data.num_classes) if wants_pretrained(session.cfg.model) else None
     if note is not None:
         session.print(note)
