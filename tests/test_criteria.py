@@ -16,14 +16,11 @@ from aip.analyze import main as analyze_main
 from aip.config import ActivationConfig, PruneConfig, SimilarityConfig
 from aip.prune.capacity import effective_rank, estimate_capacity
 from aip.prune.cost import model_cost
-from aip.prune.importance import (
-    TaylorImportance,
-    create_importance,
-    criterion_for_interval,
-    needs_features,
-)
+from aip.prune.criteria.similarity import redundancy_scores
+from aip.prune.criteria.taylor import TaylorImportance
+from aip.prune.importance import IMPORTANCES, create_importance, needs_features, prune_threshold
 from aip.prune.pruner import ChannelPruner, PruningError
-from aip.prune.similarity import redundancy_scores
+from aip.prune.schedule import criterion_for_interval
 from aip.train import main
 from tests.test_prune import Residual
 from tests.test_run import _config, _report
@@ -132,6 +129,17 @@ def test_hybrid_switch_rules() -> None:
         "fpgm",
     ]
     assert criterion_for_interval(PruneConfig(criterion="taylor"), 5, 1.0) == "taylor"
+
+
+def test_hybrid_is_a_known_name_but_no_importance_and_only_activation_threshold_has_a_prune_threshold() -> None:
+    assert "hybrid" in IMPORTANCES.names()
+    with pytest.raises(TypeError, match="^hybrid is a schedule of criteria: call criterion_for_interval"):
+        create_importance("hybrid")
+    threshold = PruneConfig(activation=ActivationConfig(mode="threshold", threshold=0.3))
+    assert prune_threshold(create_importance("activation", threshold)) == 0.3
+    assert prune_threshold(create_importance("activation")) is None  # mode fraction: the schedule's share
+    others = [n for n in IMPORTANCES.names() if n not in ("hybrid", "activation")]
+    assert all(prune_threshold(create_importance(n, threshold)) is None for n in others)
 
 
 def test_hybrid_with_capacity_caps_reaches_its_target_and_logs_the_switch(tmp_path: Path) -> None:
@@ -322,7 +330,7 @@ def test_magnitude_scores_equal_torch_prunings_group_magnitude(name: str, p: int
     """`l1`/`l2` are Torch-Pruning's GroupMagnitudeImportance(normalizer="mean", no bias), value for value, on every
     group of a residual network and of one with grouped convolutions (whose in-channel scores repeat per group)."""
     from aip.models import classifier_of, create_model
-    from aip.prune.magnitude import MagnitudeImportance
+    from aip.prune.criteria.magnitude import MagnitudeImportance
 
     torch.manual_seed(0)
     model = create_model(name, 10).eval()

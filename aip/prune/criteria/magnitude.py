@@ -5,6 +5,9 @@ from __future__ import annotations
 import torch
 import torch_pruning as tp
 
+from aip.config import PruneConfig
+from aip.prune.criteria.registry import register_importance
+
 _OUT = (tp.prune_conv_out_channels, tp.prune_linear_out_channels)
 _IN = (tp.prune_conv_in_channels, tp.prune_linear_in_channels)
 
@@ -57,3 +60,15 @@ class MagnitudeImportance(tp.importance.GroupMagnitudeImportance):
         if not scores:
             return None
         return self._normalize(self._reduce(scores, roots), self.normalizer)
+
+
+@register_importance("l1")
+def l1_importance(cfg: PruneConfig) -> tp.importance.Importance:
+    """Mean L1 norm of each channel's weights over all coupled layers of the group."""
+    return MagnitudeImportance(p=1)
+
+
+@register_importance("l2")
+def l2_importance(cfg: PruneConfig) -> tp.importance.Importance:
+    """Mean L2 norm of each channel's weights over all coupled layers of the group."""
+    return MagnitudeImportance(p=2)

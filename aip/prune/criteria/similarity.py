@@ -11,6 +11,9 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
+from aip.config import PruneConfig
+from aip.prune.criteria.registry import register_importance
+
 
 def redundancy_scores(vectors: torch.Tensor, strength: torch.Tensor | None = None) -> torch.Tensor:
     """Scores (low = goes first) that remove one channel of each redundant pair before any distinct channel.
@@ -107,3 +110,9 @@ class SimilarityImportance(tp.importance.Importance):
         if not parts:
             return None
         return redundancy_scores(torch.cat(parts, dim=1))
+
+
+@register_importance("similarity")
+def similarity_importance(cfg: PruneConfig) -> tp.importance.Importance:
+    """Redundancy: one of each pair of near-identical filters (or feature maps, prune.similarity.source) first."""
+    return SimilarityImportance(cfg.similarity.source)
