@@ -275,8 +275,10 @@ def main() -> None:
     runs = {t: by_arm for t, by_arm in runs.items() if by_arm}
     if not runs:
         fail(f"no run of this code is complete; missing: {', '.join(missing)}")
-    if teacher_row is None:
-        fail("an aip arm is needed for the teacher's row (its top-1 and FLOPs); add a_ce to --arms")
+    if teacher_row is None:  # peers only: the teacher's top-1 as the peer script measured it
+        teacher_row = {
+            "top1": next(r for by_arm in runs.values() for rs in by_arm.values() for r in rs)["teacher_top1"]
+        }
     targets = list(runs)
     results = {t: {arm: [r["top1"] for r in rs] for arm, rs in runs[t].items()} for t in targets}
     curves = {t: {arm: [r["curve"] for r in rs] for arm, rs in runs[t].items() if rs[0]["curve"]} for t in targets}

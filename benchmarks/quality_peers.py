@@ -97,6 +97,7 @@ def peer_row(done: dict) -> dict:
         "flops_ratio": done["flops_ratio"],
         "params_ratio": done["params_ratio"],
         "pruning_ratio": done["pruning_ratio"],
+        "teacher_top1": done["teacher_top1"],
         "seconds": done["wall_seconds"],
         "search_seconds": None,
         "cached": done["cached"],

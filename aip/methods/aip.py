@@ -13,10 +13,10 @@ from aip.config import Config
 from aip.methods.pruning import on_main, start_pruning, target_ratio, timing_batch
 from aip.methods.recovery import Stage, calibration, check_same_architecture, end_stage
 from aip.prune.capacity import LayerCapacity, estimate_capacity
-from aip.prune.importance import create_importance, criterion_for_interval
+from aip.prune.importance import create_importance, prune_threshold
 from aip.prune.latency import LatencyTable, LayerCurve, layer_curves, layer_times, relative_latency
 from aip.prune.pruner import ChannelPruner
-from aip.prune.schedule import interval_targets
+from aip.prune.schedule import criterion_for_interval, interval_targets
 from aip.session import Outcome, Session
 
 
@@ -99,10 +99,11 @@ def prune_stage(
     criterion = criterion_for_interval(cfg.prune, stage.index, reached)
     importance = create_importance(criterion, cfg.prune)
     calibrate = calibration(session, stage.index)
-    if criterion == "activation" and cfg.prune.activation.mode == "threshold":
+    threshold = prune_threshold(importance)  # a criterion that removes what falls under a fixed level
+    if threshold is not None:
         floor = target_ratio(cfg) * base[metric]
-        log = pruner.prune_below(cfg.prune.activation.threshold, floor, metric, importance, calibrate)
-        goal = f"channels under {cfg.prune.activation.threshold} of their layer's 0.9-quantile, floor "
+        log = pruner.prune_below(threshold, floor, metric, importance, calibrate)
+        goal = f"channels under {threshold} of their layer's 0.9-quantile, floor "
         goal += f"{target_ratio(cfg):.3f}"
     else:
         log = pruner.prune_to(
