@@ -53,6 +53,7 @@ MIXED_PRECISION = ("no", "fp16", "bf16")
 PRUNE_SCHEDULES = ("geometric", "linear")
 KD_KINDS = ("kl", "mse")
 DISC_INPUTS = ("logits", "softmax", "attention")
+TEACHERS = ("original", "assistant")
 SIMILARITY_SOURCES = ("weights", "features")
 CAPACITY_MODES = ("cap", "hierarchical")
 ACTIVATION_MODES = ("fraction", "threshold")
@@ -208,6 +209,7 @@ def validate(cfg: Config) -> None:
     _choice("prune.schedule", cfg.prune.schedule, PRUNE_SCHEDULES)
     _choice("loss.kd.kind", cfg.loss.kd.kind, KD_KINDS)
     _choice("disc.input", cfg.disc.input, DISC_INPUTS)
+    _choice("loss.teacher", cfg.loss.teacher, TEACHERS)
     for i, fmt in enumerate(cfg.export.formats):
         _choice(f"export.formats[{i}]", fmt, EXPORT_FORMATS)
     if len(set(cfg.export.formats)) < len(cfg.export.formats):
@@ -239,6 +241,8 @@ def validate(cfg: Config) -> None:
             raise ConfigError("prune.target_latency_ratio: mode acp searches under a FLOPs or parameter budget")
         if p.target_latency_ratio is not None and p.activation.mode == "threshold":
             raise ConfigError("prune.target_latency_ratio: activation.mode threshold needs a FLOPs or params target")
+        if cfg.loss.teacher == "assistant" and cfg.mode == "acp":
+            raise ConfigError("loss.teacher: assistant needs the stages of mode aip; mode acp recovers in one stage")
     if not 0.0 < cfg.prune.max_layer_ratio < 1.0:
         raise ConfigError(f"prune.max_layer_ratio: must lie in (0, 1); got {cfg.prune.max_layer_ratio}")
     _positive("prune.intervals", cfg.prune.intervals)

@@ -282,6 +282,12 @@ class LossConfig:
     # weight 1 the term measured ~7e-4 on the debug run against ~0.1 for CE, i.e. it did nothing.
     at: WeightedLoss = option(WeightedLoss(1000.0), "attention transfer at the ends of the stages (the paper's beta)")
     adv: WeightedLoss = option(WeightedLoss(1.0), "adversarial term: the student learns to fool the discriminator")
+    teacher: str = option(
+        "original",
+        "who teaches each stage (KD, attention transfer, the discriminator's real side): original (the frozen "
+        "teacher) or assistant (from the second stage on, the student as the previous stage left it, frozen: a "
+        "teacher assistant with a smaller capacity gap; mode aip)",
+    )
 
 
 @dataclass

@@ -53,6 +53,11 @@ VARIANTS: dict[str, tuple[str, dict]] = {
     "disc_narrow": ("discriminator hidden [64]", {"disc": {"hidden": [64]}}),
     "kd_0.7": ("KD weight 0.7, CE 0.3", {"loss": {"kd": {"weight": 0.7}, "ce": {"weight": 0.3}}}),
     "lr_step": ("recovery lr schedule step", {"train": {"scheduler": "step"}}),
+    "assistant": (
+        "teacher assistant: each stage after the first learns from the student the previous stage left",
+        {"loss": {"teacher": "assistant"}},
+    ),
+    "at_deep": ("attention transfer at layer2 and layer3 only", {"model": {"taps": ["layer2", "layer3"]}}),
 }
 
 
@@ -63,19 +68,20 @@ def markdown(out: dict) -> list[str]:
         "",
         f"Command: `{out['command']}`; {out['machine']}; code aip/ tree {out['code']['aip_tree'][:10]} "
         f"(commit {out['code']['commit'][:10]}). Settings as benchmarks/quality.py's default run; seeds "
-        f"{out['seeds']}. A win/loss: the paired mean difference to d_aip beyond twice its standard error.",
+        f"{out['seeds']}. A win/loss: a two-sided paired t-test against d_aip gives p < 0.05.",
         "",
-        "| variant | change | top-1 mean | std | per seed | vs d_aip: mean | std | SE | call |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| variant | change | top-1 mean | std | per seed | vs d_aip: mean | std | SE | p | call |",
+        "|---|---|---|---|---|---|---|---|---|---|",
         f"| d_aip | (baseline) | {describe(base)['mean']:.2f} | {fmt(describe(base)['std'])} "
-        f"| {', '.join(f'{v:.2f}' for v in base)} | - | - | - | - |",
+        f"| {', '.join(f'{v:.2f}' for v in base)} | - | - | - | - | - |",
     ]
     for name, v in out["variants"].items():
         d, p = describe(v["top1"]), v["vs_d_aip"]
         per_seed = ", ".join(f"{x:.2f}" for x in v["top1"])
         lines.append(
             f"| {name} | {v['change']} | {d['mean']:.2f} | {fmt(d['std'])} | {per_seed} "
-            f"| {fmt(p['mean'], True)} | {fmt(p['std'])} | {fmt(p['se'])} | {p['call']} |"
+            f"| {fmt(p['mean'], True)} | {fmt(p['std'])} | {fmt(p['se'])} "
+            f"| {'-' if p.get('p') is None else format(p['p'], '.3f')} | {p['call']} |"
         )
     return lines
 

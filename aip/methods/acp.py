@@ -62,11 +62,11 @@ def run_acp(session: Session, resume: Path | None = None, branch: Path | None = 
         raise ConfigError("--from-stage branches an AIP run; mode acp searches its structure from the teacher")
     run = start_pruning(session, resume)
     stage = Stage(1, "acp", session.cfg.prune.finetune_epochs, target_ratio(session.cfg))
-    run.restore_stage_end([stage])
+    run.begin([stage])
     if session.state.stage < stage.index:
         if not run.resuming_in(stage):
             acp_prune(session, run.teacher, run.pruner, run.base, run.metric)
         plain = LossConfig(ce=WeightedLoss(1.0), kd=KDLoss(weight=0.0), at=WeightedLoss(0.0), adv=WeightedLoss(0.0))
         prepared = run.recover(stage, losses=plain if session.cfg.acp.final == "finetune" else None)
         end_stage(session, stage, prepared, run.val, run.base, run.pruner)
-    return run.finish(stage)
+    return run.finish()

@@ -3,20 +3,23 @@ adversarial distillation from the frozen teacher; then the report and the export
 
 from __future__ import annotations
 
+import copy
 import time
 from pathlib import Path
 
 from torch import nn
 
-from aip.accel import plain_forward
+from aip import checkpoint as ckpt
+from aip.accel import plain_forward, strip_autocast
 from aip.config import Config
-from aip.methods.pruning import on_main, start_pruning, target_ratio, timing_batch
+from aip.methods.pruning import PruningRun, on_main, start_pruning, target_ratio, timing_batch
 from aip.methods.recovery import Stage, calibration, check_same_architecture, end_stage
 from aip.prune.capacity import LayerCapacity, estimate_capacity
 from aip.prune.importance import create_importance, prune_threshold
 from aip.prune.latency import LatencyTable, LayerCurve, layer_curves, layer_times, relative_latency
 from aip.prune.pruner import ChannelPruner
 from aip.prune.schedule import criterion_for_interval, interval_targets
+from aip.pruned import load_pruned
 from aip.session import Outcome, Session
 
 
@@ -133,24 +136,51 @@ def prune_stage(
     )
 
 
+def frozen_copy(model: nn.Module) -> nn.Module:
+    """A copy of `model` that teaches: eval mode, no gradients, no autocast wrapper."""
+    return strip_autocast(copy.deepcopy(model)).eval().requires_grad_(False)
+
+
+def stage_teacher(run: PruningRun, stage: Stage, assistant: nn.Module | None) -> nn.Module:
+    """Who teaches `stage`: the frozen teacher, or under `loss.teacher: assistant` (from the second stage on) the
+    student as the previous stage left it: `assistant`, taken before this stage's prune, or for a run resumed inside
+    this stage the previous stage's checkpoint."""
+    session = run.session
+    if session.cfg.loss.teacher != "assistant" or stage.index == 1:
+        return run.teacher
+    if assistant is None:
+        previous = ckpt.stage_dir(session.run_dir, stage.index - 1)
+        if not previous.is_dir():
+            raise ckpt.CheckpointError(
+                f"loss.teacher assistant: resuming inside stage {stage.index} needs the teacher assistant of stage "
+                f"{stage.index - 1}, whose checkpoint {previous.name} is gone (checkpoint.keep); resume from a stage "
+                "end"
+            )
+        assistant = frozen_copy(load_pruned(previous, session.model)).to(session.accelerator.device)
+    return assistant
+
+
 def run_aip(session: Session, resume: Path | None = None, branch: Path | None = None) -> Outcome:
     """`mode: aip`: prune interval by interval, recovering with adversarial distillation; report and export."""
     run = start_pruning(session, resume, branch)
     stages = plan_stages(session.cfg)
     curves: dict[nn.Module, LayerCurve | None] = {}  # each layer's latency against its widths, measured once
     apply_capacity(session, run.student, run.pruner)
-    run.restore_stage_end(stages)
+    run.begin(stages)
     for stage in stages:
         if stage.index <= session.state.stage:
             continue
         session.seed(stage.index, -1)
         run.student = session.accelerator.unwrap_model(run.student)
+        assistant = None
+        if session.cfg.loss.teacher == "assistant" and stage.index > 1 and not run.resuming_in(stage):
+            assistant = frozen_copy(run.student)  # the student as the previous stage left it, before this prune
         if stage.target is not None and not run.resuming_in(stage):
             with plain_forward(run.student):  # ranked, verified and timed in fp32, as the teacher and the export are
                 prune_stage(session, stage, run.pruner, run.base, run.metric, run.teacher, curves)
-        prepared = run.recover(stage)
+        prepared = run.recover(stage, teacher=stage_teacher(run, stage, assistant))
         latency = None
         if run.metric == "latency":
             latency = lambda m: latency_ms(session, m, run.teacher, run.base["latency"])  # noqa: E731
         end_stage(session, stage, prepared, run.val, run.base, run.pruner, latency)
-    return run.finish(stages[-1])
+    return run.finish()

@@ -102,25 +102,29 @@ class PruningRun:
     val: DataLoader
     resume: Path | None = None
     partial: dict[str, int] | None = None  # where a mid-stage checkpoint stopped
+    ended: bool = False  # resumed from the last stage's end: nothing left to train (`begin`)
 
     def resuming_in(self, stage: Stage) -> bool:
         """Whether `stage` goes on from a mid-stage checkpoint (its prune is already done)."""
         return self.partial is not None and self.partial["stage"] == stage.index
 
-    def restore_stage_end(self, stages: list[Stage]) -> None:
-        """On a resume from a stage-end checkpoint: the weights, optimizer and RNG states it holds."""
+    def begin(self, stages: list[Stage]) -> None:
+        """Before the first stage: on a resume from a stage-end checkpoint, the weights, optimizer and RNG states it
+        holds, and whether the run had already ended (then `finish` only repairs its exports)."""
         if self.resume is not None and self.partial is None:
+            self.ended = self.session.state.stage >= stages[-1].index
             epochs = next((s.epochs for s in stages if s.index == self.session.state.stage), 1)
             restore_stage(self.session, self.resume, self.student, self.disc, epochs)
 
-    def recover(self, stage: Stage, losses: LossConfig | None = None) -> nn.Module:
-        """The stage's recovery (`recover`), from a mid-stage checkpoint where the run resumes inside it."""
+    def recover(self, stage: Stage, losses: LossConfig | None = None, teacher: nn.Module | None = None) -> nn.Module:
+        """The stage's recovery (`recover`) from `teacher` (default: the run's), from a mid-stage checkpoint where
+        the run resumes inside it."""
         here = self.resuming_in(stage)
         return recover(
             self.session,
             stage,
             self.student,
-            self.teacher,
+            teacher if teacher is not None else self.teacher,
             self.disc,
             self.taps,
             self.pruner,
@@ -130,12 +134,10 @@ class PruningRun:
             val=self.val,
         )
 
-    def finish(self, last: Stage) -> Outcome:
-        """Report and export; a resume of a run whose `last` stage had ended only repairs its exports."""
-        done = self.resume is not None and self.partial is None and self.session.state.stage >= last.index
-        return self.session.finish(
-            self.student, finished=self.resume if done else None, history=self.pruner.history(), teacher=self.teacher
-        )
+    def finish(self) -> Outcome:
+        """Report and export; a resume of a run that had ended only repairs its exports."""
+        finished = self.resume if self.ended else None
+        return self.session.finish(self.student, finished=finished, history=self.pruner.history(), teacher=self.teacher)
 
 
 def start_pruning(session: Session, resume: Path | None = None, branch: Path | None = None) -> PruningRun:
