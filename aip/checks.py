@@ -1,4 +1,5 @@
-"""The config checks that need the registries: model, data set and criterion names, and each data set's own keys.
+"""The config checks that need the registries: task, model, data set and criterion names, and each data set's own
+keys.
 
 `aip.config` validates values and imports no registry, so that the registries (which import `aip.config`) never
 import it back; this module sits above both. Everything that runs a job calls `check_names` before any work:
@@ -18,6 +19,8 @@ from aip.models.pretrained import check_pretrained
 from aip.models.user import is_import_path
 from aip.prune.importance import IMPORTANCES
 from aip.registry import UnknownNameError
+from aip.tasks import TASKS, task_for
+from aip.tasks.base import search_adapter
 from aip.tasks.detection.data import DETECTION_DATASETS
 from aip.tasks.detection.datasets import build_detection_data, check_detection_data  # noqa: F401  (registers them)
 from aip.tasks.detection.models import DETECTORS
@@ -36,6 +39,7 @@ def check_names(cfg: Config, dataset: bool = True) -> None:
 
     The data set's checks look for its files under data.root (without reading them); `--print-config` skips them.
     """
+    check_task(cfg)
     if cfg.task == "detection":
         check_detection_names(cfg)
     else:
@@ -48,6 +52,13 @@ def check_names(cfg: Config, dataset: bool = True) -> None:
         DATASETS.get(cfg.data.name).validate(cfg.data)
     if dataset and cfg.task == "detection":
         check_detection_data(cfg.data)
+
+
+def check_task(cfg: Config) -> None:
+    """A task the registry holds and, under mode acp, one with a width search (`Task.search`)."""
+    _one_of("task", cfg.task, TASKS.names())
+    if cfg.mode == "acp":
+        search_adapter(task_for(cfg))
 
 
 def check_classification_names(cfg: Config) -> None:

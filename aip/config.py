@@ -46,7 +46,6 @@ from aip.schema import option as option
 
 SEED_MAX = 2**32 - 1
 MODES = ("aip", "train", "acp", "eval")
-TASKS = ("classification", "detection")
 ACP_FINAL = ("aip", "finetune")
 SCHEDULERS = ("cosine", "step", "constant")
 MIXED_PRECISION = ("no", "fp16", "bf16")
@@ -200,7 +199,6 @@ def validate(cfg: Config) -> None:
     _check_finite(cfg)
     if not 0 <= cfg.seed <= SEED_MAX:
         raise ConfigError(f"seed: must lie in 0..{SEED_MAX} (what NumPy's seeding takes), got {cfg.seed}")
-    _choice("task", cfg.task, TASKS)
     _choice("mode", cfg.mode, MODES)
     _validate_task(cfg)
     _choice("train.scheduler", cfg.train.scheduler, SCHEDULERS)
@@ -330,10 +328,12 @@ def validate(cfg: Config) -> None:
 
 
 def _validate_task(cfg: Config) -> None:
-    """What task detection does not support yet, and the keys only it takes (names: `aip.checks`)."""
+    """What task detection does not support yet, and the keys only it takes (the task's name: `aip.checks`)."""
     if cfg.task == "classification":
         if cfg.data.options:
             raise ConfigError("data.options: only task detection takes a data set's own options; set it to {}")
+        return
+    if cfg.task != "detection":
         return
     if cfg.prune.target_latency_ratio is not None:
         raise ConfigError("prune.target_latency_ratio: not supported yet with task detection; use a FLOPs target")

@@ -40,6 +40,7 @@ from aip.pruned import RECORD, model_record
 from aip.report import write_report
 from aip.seeding import SeededBatches, derive_seed, seeded
 from aip.tasks import task_for
+from aip.tasks.base import ExportTarget
 
 TRACKER_RUN = "tb"  # trackers log under the run directory: TensorBoard's event files in <run>/tb/
 
@@ -70,13 +71,6 @@ class RunState:
                 "edited); resume it with the version that wrote it, or from an earlier checkpoint"
             )
         return cls(**{**saved, **now})
-
-
-def topk_correct(logits: torch.Tensor, labels: torch.Tensor, ks: tuple[int, ...] = (1, 5)) -> list[torch.Tensor]:
-    """How many of `labels` are among the top-k `logits`, for each k."""
-    top = logits.topk(min(max(ks), logits.shape[1]), dim=1).indices
-    hits = top.eq(labels[:, None])
-    return [hits[:, :k].any(dim=1).sum() for k in ks]
 
 
 def output_classes(model: nn.Module, example: torch.Tensor) -> int:
@@ -142,7 +136,7 @@ class Session:
         self.example = self.task.example(self.data)
         check_batches(cfg, len(self.data.train), model is not None or cfg.model.teacher_checkpoint is not None)
         self.model = copy.deepcopy(model) if model is not None else None
-        given = model is not None and self.task.name == "classification"  # a detector's classes are not probed
+        given = model is not None and self.task.probes_classes  # a detector's classes are not probed
         classes = output_classes(model, self.example[0]) if given else self.data.num_classes
         if classes != self.data.num_classes:
             raise ConfigError(
@@ -226,7 +220,8 @@ class Session:
         )
 
     def val_loader(self) -> DataLoader:
-        """Validation batches in order; in-memory sets come as uint8, which `evaluate` normalises on the device."""
+        """Validation batches in order; in-memory sets come as uint8, which the task's `evaluate` normalises on the
+        device."""
         options = self.loader_options(self.data.val)
         dataset = WholeBatches(self.data.val) if options["collate_fn"] is whole_batch else self.data.val
         return DataLoader(dataset, batch_size=self.cfg.data.eval_batch_size, **options)
@@ -289,27 +284,7 @@ class Session:
 
     def metrics(self, model: nn.Module, loader: DataLoader) -> dict[str, float]:
         """The task's two quality metrics (%) over the whole validation set (top1/top5, or map/map50)."""
-        return self.task.evaluate(self, model, loader)
-
-    @torch.no_grad()
-    def evaluate(self, model: nn.Module, loader: DataLoader) -> tuple[float, float]:
-        """Top-1 and top-5 (%) over the whole validation set, each sample counted once across processes."""
-        was_training = model.training
-        model.eval()
-        correct1 = correct5 = total = 0
-        transform = getattr(loader.dataset, "device_transform", None)  # in-memory sets: normalised here
-        for x, y in loader:
-            if transform is not None:
-                x = transform(x)
-            with self.accelerator.autocast():
-                logits = model(x)
-            logits, y = self.accelerator.gather_for_metrics((logits, y))
-            c1, c5 = topk_correct(logits.float(), y)
-            correct1 += int(c1)
-            correct5 += int(c5)
-            total += y.numel()
-        model.train(was_training)
-        return 100.0 * correct1 / max(total, 1), 100.0 * correct5 / max(total, 1)
+        return self.task.evaluate(model, loader, self.accelerator)
 
     # ------------------------------------------------------- weights, checkpoints
     def save_weights(self, model: nn.Module, path: Path) -> None:
@@ -382,6 +357,11 @@ class Session:
                 "an earlier stage checkpoint, or delete this one"
             ) from None
 
+    def export_target(self) -> ExportTarget:
+        """What the task's export reads of the run."""
+        given = None if self.model is None else given_name(self.model)
+        return ExportTarget(self.run_dir, self.example, self.cfg, self.data.num_classes, given, self.print)
+
     def finish(
         self, student: nn.Module, finished: Path | None = None, history: list | None = None, teacher: Any = None
     ) -> Outcome:
@@ -396,7 +376,7 @@ class Session:
         if self.main:
             if repair := finished is not None:
                 load_weights(student, finished)
-            written = self.task.export(self, student, history or [], repair)
+            written = self.task.export(self.export_target(), student, history or [], repair)
             deploy = write_deploy(self, teacher, student, repair)  # int8 from the fp32 ONNX file written just now
             if repair and (names := [EXPORT_FILES.get(f, f) for f in written] + deploy.written):
                 self.print(f"{', '.join(names)} missing or damaged in {self.run_dir}: exported again from {finished}")

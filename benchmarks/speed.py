@@ -37,7 +37,7 @@ from aip.config import LossConfig  # noqa: E402
 from aip.distill.adversarial import GRID  # noqa: E402
 from aip.distill.discriminator import Discriminator  # noqa: E402
 from aip.distill.features import FeatureTaps  # noqa: E402
-from aip.distill.step import DistillStep  # noqa: E402
+from aip.distill.step import DistillStep, StepParts  # noqa: E402
 from aip.models import create_model, default_taps  # noqa: E402
 from aip.prune.cost import model_cost  # noqa: E402
 from benchmarks.speed_prune import (  # noqa: E402
@@ -82,7 +82,8 @@ def step_overhead(device: str, repeats: int, batch: int) -> dict:
             bare_teacher(x)
 
     with FeatureTaps(teacher, taps) as t_taps, FeatureTaps(student, taps) as s_taps:
-        step = DistillStep(acc, teacher, student_p, disc_p, disc, opt_s, opt_d, sched, t_taps, s_taps, LossConfig())
+        parts = StepParts(acc, teacher, student_p, disc_p, disc, opt_s, opt_d, sched, t_taps, s_taps)
+        step = DistillStep(parts, LossConfig())
         fns = {"aip": lambda: step(x, y), "plain": plain_step, "teacher": teacher_forward}
         medians = interleaved_medians(fns, device, 3 * repeats, 3)
     aip, plain_t, teacher_t = medians["aip"], medians["plain"], medians["teacher"]

@@ -12,7 +12,8 @@ import pytest
 import torch
 from torch import nn
 
-from aip.config import PruneConfig, SimilarityConfig, SwarmConfig, config_from_dict
+from aip import checks
+from aip.config import ConfigError, PruneConfig, SimilarityConfig, SwarmConfig, config_from_dict
 from aip.data import build_data
 from aip.models import classifier_of, create_model
 from aip.prune.cost import model_cost
@@ -284,3 +285,19 @@ def test_a_cut_to_widths_off_the_unit_grid_rounds_down_and_an_overshoot_is_an_er
     budget = 0.5 * pruner.cost("flops")
     with pytest.raises(PruningError, match="of the budget"):
         cut_to_widths(pruner, {"features.1.0": 16}, PruneConfig(), [], 16, torch.device("cpu"), budget=budget)
+
+
+def test_a_task_without_a_width_search_refuses_mode_acp_in_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`Task.search` None: the config check (before any work) and the search itself stop with one line."""
+
+    class NoSearch(ClassificationTask):
+        name = "nosearch"
+        search = None
+
+    message = "mode acp: task nosearch has no width search; use mode aip"
+    monkeypatch.setattr(checks, "task_for", lambda cfg: NoSearch())
+    with pytest.raises(ConfigError, match=message):
+        checks.check_names(config_from_dict({"mode": "acp"}), dataset=False)
+    checks.check_names(config_from_dict({"mode": "aip"}), dataset=False)
+    with pytest.raises(ConfigError, match=message):
+        split_search_data(SimpleNamespace(train=[], train_eval=None), 4, 0, NoSearch())

@@ -18,7 +18,7 @@ from aip.compiled import compiled
 from aip.config import ConfigError, LossConfig, config_from_dict, cxx_compiler
 from aip.distill.discriminator import Discriminator
 from aip.distill.features import FeatureTaps
-from aip.distill.step import DistillStep
+from aip.distill.step import DistillStep, StepParts
 from aip.models import classifier_of, create_model, default_taps
 from aip.prune.importance import create_importance
 from aip.prune.pruner import ChannelPruner
@@ -118,7 +118,7 @@ def test_compiled_distill_steps_give_the_eager_losses(fresh_accelerator_state) -
         sched = torch.optim.lr_scheduler.LambdaLR(opt_s, lambda _: 1.0)
         taps, out = default_taps(student, "cifar_resnet8"), []
         with FeatureTaps(teacher, taps) as t, FeatureTaps(student, taps) as s, compiled(student, compile_student):
-            step = DistillStep(acc, teacher, student, disc, disc, opt_s, opt_d, sched, t, s, LossConfig())
+            step = DistillStep(StepParts(acc, teacher, student, disc, disc, opt_s, opt_d, sched, t, s), LossConfig())
             for _ in range(3):
                 out.append({k: v.item() for k, v in step(x, y)[1].items()})
         return out, student.state_dict()

@@ -12,6 +12,7 @@ from aip.config import LossConfig
 from aip.distill.adversarial import GRID, pooled_attention
 from aip.distill.discriminator import Discriminator
 from aip.distill.features import FeatureTaps
+from aip.distill.step import StepParts
 from aip.tasks.detection.distill import DetectionDistillStep
 from aip.tasks.detection.models import create_detector
 from aip.tasks.detection.taps import detection_taps
@@ -42,8 +43,8 @@ def test_detection_step_logs_every_term_and_trains_the_student(fresh_accelerator
     targets = [{"boxes": torch.tensor([[2.0, 3.0, 20.0, 25.0]]), "labels": torch.tensor([1])} for _ in range(2)]
     before = copy.deepcopy(student.state_dict())
     with FeatureTaps(teacher, taps) as t_taps, FeatureTaps(student, taps) as s_taps:
-        args = (acc, teacher, student, disc, disc, opt_s, opt_d, sched, t_taps, s_taps)
-        step = DetectionDistillStep(*args, LossConfig())
+        parts = StepParts(acc, teacher, student, disc, disc, opt_s, opt_d, sched, t_taps, s_taps)
+        step = DetectionDistillStep(parts, LossConfig())
         with step:
             loss, terms = step(images, targets)
         assert step._hook is not None and not step._head
@@ -55,7 +56,7 @@ def test_detection_step_logs_every_term_and_trains_the_student(fresh_accelerator
     off = LossConfig()
     off.kd.weight = 0.0
     with FeatureTaps(teacher, taps) as t_taps, FeatureTaps(student, taps) as s_taps:
-        args = (acc, teacher, student, disc, disc, opt_s, opt_d, sched, t_taps, s_taps)
-        with DetectionDistillStep(*args, off) as step:
+        parts = StepParts(acc, teacher, student, disc, disc, opt_s, opt_d, sched, t_taps, s_taps)
+        with DetectionDistillStep(parts, off) as step:
             _, terms = step(images, targets)
     assert terms["loss_kd"] == 0 and terms["loss_adv"] > 0

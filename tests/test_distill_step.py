@@ -21,7 +21,7 @@ from aip.config import KDLoss, LossConfig, WeightedLoss
 from aip.distill.adversarial import GRID, pooled_attention
 from aip.distill.discriminator import Discriminator
 from aip.distill.features import FeatureTaps
-from aip.distill.step import DistillStep
+from aip.distill.step import DistillStep, StepParts
 from aip.train import main
 from tests.conftest import tiny_run
 
@@ -52,7 +52,8 @@ def _step(
     opt_d = disc_optimizer(disc.parameters(), lr=1e-2)
     student_p, disc_p, opt_s, opt_d, sched = accelerator.prepare(student, disc, opt_s, opt_d, sched)
     taps = FeatureTaps(student, [])
-    step = DistillStep(accelerator, teacher, student_p, disc_p, disc, opt_s, opt_d, sched, taps, taps, losses)
+    parts = StepParts(accelerator, teacher, student_p, disc_p, disc, opt_s, opt_d, sched, taps, taps)
+    step = DistillStep(parts, losses)
     return step, student, disc
 
 
@@ -161,8 +162,8 @@ def test_attention_input_shows_the_discriminator_pooled_maps_and_trains_the_tapp
     student_p, disc_p, opt_s, opt_d, sched = accelerator.prepare(student, disc, opt_s, opt_d, sched)
     conv_before = student[0].weight.detach().clone()
     with FeatureTaps(teacher, ["1"]) as t_taps, FeatureTaps(student, ["1"]) as s_taps:
-        args = (accelerator, teacher, student_p, disc_p, disc, opt_s, opt_d, sched, t_taps, s_taps)
-        step = DistillStep(*args, _losses(ce=0.0, kd=0.0, adv=1.0))
+        parts = StepParts(accelerator, teacher, student_p, disc_p, disc, opt_s, opt_d, sched, t_taps, s_taps)
+        step = DistillStep(parts, _losses(ce=0.0, kd=0.0, adv=1.0))
         x, y = _batches(1)[0]
         with torch.no_grad():
             expected_real = pooled_attention([teacher[1](teacher[0](x))])

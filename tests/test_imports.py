@@ -175,3 +175,17 @@ def test_the_bottom_modules_import_alone_in_a_fresh_interpreter() -> None:
         assert proc.returncode == 0, f"import {name}: {err[-2000:]}"
         if name in BOTTOM:
             assert set(ast.literal_eval(out)) == BOTTOM[name], name
+
+
+def test_the_task_registry_imports_a_task_only_when_it_is_asked_for() -> None:
+    """`TASKS` holds both tasks by name; a classification run's task never imports the detection task."""
+    code = (
+        "import sys; from aip.config import config_from_dict; from aip.tasks import TASKS, task_for; "
+        "task = task_for(config_from_dict({})); "
+        "print([TASKS.names(), task.name, sorted(m for m in sys.modules if m.startswith('aip.tasks'))])"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    names, task, loaded = ast.literal_eval(out.stdout)
+    assert names == ["classification", "detection"] and task == "classification"
+    assert loaded == ["aip.tasks", "aip.tasks.base", "aip.tasks.classification"]

@@ -1,10 +1,16 @@
-"""One AIP training step: the discriminator's update, then the student's from CE, KD, attention transfer and the
-adversarial term, under Accelerate's gradient accumulation and mixed precision."""
+"""One AIP training step: the discriminator's update, then the student's from the task loss, KD, attention transfer
+and the adversarial term, under Accelerate's gradient accumulation and mixed precision.
+
+`DistillStepBase` owns what every task shares (the order of the passes, the discriminator's update, the adversarial
+term, the loss sum, backward, the finite check and the optimizer and scheduler steps); a task's step overrides the
+hooks for what differs: the teacher's and the student's forward, the task-loss terms with KD, the discriminator's
+inputs and the zero tensor. `DistillStep` is classification's; detection's is `aip.tasks.detection.distill`.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -19,14 +25,9 @@ from aip.distill.losses import adversarial_loss, kd_loss
 from aip.guards import check_losses
 
 
-@dataclass
-class DistillStep:
-    """One AIP training step on a batch: the discriminator learns teacher (real) from student (fake) outputs
-    (`disc_steps` updates; on the logits, or on the taps' pooled attention maps when the discriminator's input is
-    "attention"), then the student learns from CE, KD, attention transfer and the adversarial loss through the bare
-    discriminator (its weights fixed), so DDP never reduces the discriminator's gradients in the student's backward.
-
-    Raises NonFiniteError, before the student's optimizer steps, when a loss term is NaN or infinite."""
+@dataclass(frozen=True)
+class StepParts:
+    """What a step trains and reads: the models, their optimizers, the student's schedule and the feature taps."""
 
     accelerator: Accelerator
     teacher: nn.Module
@@ -38,39 +39,107 @@ class DistillStep:
     sched: Any
     t_taps: FeatureTaps
     s_taps: FeatureTaps
+
+
+@dataclass
+class DistillStepBase:
+    """One AIP training step on a batch: the discriminator learns teacher (real) from student (fake) inputs
+    (`disc_steps` updates), then the student learns from the task loss, KD, attention transfer and the adversarial
+    loss through the bare discriminator (its weights fixed), so DDP never reduces the discriminator's gradients in the
+    student's backward. Returns (loss, terms); a context manager (no-op here) for steps that hook the student.
+
+    Raises NonFiniteError, before the student's optimizer steps, when a loss term is NaN or infinite."""
+
+    parts: StepParts
     losses: LossConfig
     disc_steps: int = 1
+    task_key: ClassVar[str] = "loss_ce"  # the term weighted by loss.ce.weight
 
-    def __call__(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        acc, w = self.accelerator, self.losses
+    def __enter__(self) -> DistillStepBase:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+    def zero(self, x: Any) -> torch.Tensor:
+        """The zero scalar a term that is off takes."""
+        raise NotImplementedError
+
+    def teacher_out(self, x: Any) -> Any:
+        """The frozen teacher's forward (under no_grad and autocast); its taps fill."""
+        raise NotImplementedError
+
+    def student_out(self, x: Any, y: Any) -> Any:
+        """The student's forward (inside the accumulation window); its taps fill."""
+        raise NotImplementedError
+
+    def disc_inputs(
+        self, t_out: Any, s_out: Any, t_feats: list[torch.Tensor], s_feats: list[torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The discriminator's (real, fake) inputs: the taps' pooled attention maps, teacher and student."""
+        return pooled_attention(t_feats), pooled_attention(s_feats)
+
+    def task_terms(self, y: Any, t_out: Any, s_out: Any, zero: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The task loss under `task_key` (and any parts of it to log), then `loss_kd`."""
+        raise NotImplementedError
+
+    def __call__(self, x: Any, y: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        p, w = self.parts, self.losses
+        acc = p.accelerator
         use_adv = w.adv.weight > 0
+        zero = self.zero(x)
         with torch.no_grad(), acc.autocast():
-            t_logits = self.teacher(x)
-        t_feats = list(self.t_taps.outputs)
-        with acc.accumulate(self.student, self.disc):
-            s_logits = self.student(x)
-            s_feats = list(self.s_taps.outputs)
+            t_out = self.teacher_out(x)
+        t_feats = list(p.t_taps.outputs)
+        with acc.accumulate(p.student, p.disc):
+            s_out = self.student_out(x, y)
+            s_feats = list(p.s_taps.outputs)
             terms: dict[str, torch.Tensor] = {}
-            on_attention = self.disc_raw.input == "attention"
             if use_adv:
-                real, fake = (
-                    (pooled_attention(t_feats), pooled_attention(s_feats))
-                    if on_attention
-                    else (t_logits.float(), s_logits.float())
-                )
-                terms["loss_d"] = update_discriminator(acc, self.disc, self.opt_d, real, fake, self.disc_steps)
-            terms["loss_ce"] = F.cross_entropy(s_logits.float(), y)
-            terms["loss_kd"] = kd_loss(s_logits.float(), t_logits.float(), w.kd.temperature, w.kd.kind)
-            terms["loss_at"] = attention_loss(s_feats, t_feats) if w.at.weight > 0 else x.new_zeros(())
-            loss = w.ce.weight * terms["loss_ce"] + w.kd.weight * terms["loss_kd"] + w.at.weight * terms["loss_at"]
+                real, fake = self.disc_inputs(t_out, s_out, t_feats, s_feats)
+                terms["loss_d"] = update_discriminator(acc, p.disc, p.opt_d, real, fake, self.disc_steps)
+            terms.update(self.task_terms(y, t_out, s_out, zero))
+            terms["loss_at"] = attention_loss(s_feats, t_feats) if w.at.weight > 0 else zero
+            loss = w.ce.weight * terms[self.task_key] + w.kd.weight * terms["loss_kd"] + w.at.weight * terms["loss_at"]
             if use_adv:
-                self.disc_raw.requires_grad_(False)
-                terms["loss_adv"] = adversarial_loss(self.disc_raw(fake))
-                self.disc_raw.requires_grad_(True)
+                p.disc_raw.requires_grad_(False)
+                terms["loss_adv"] = adversarial_loss(p.disc_raw(fake))
+                p.disc_raw.requires_grad_(True)
                 loss = loss + w.adv.weight * terms["loss_adv"]
             acc.backward(loss)
             check_losses({**terms, "loss": loss}, acc)  # before the step: a NaN never reaches the weights
-            self.opt_s.step()
-            self.sched.step()
-            self.opt_s.zero_grad(set_to_none=True)
+            p.opt_s.step()
+            p.sched.step()
+            p.opt_s.zero_grad(set_to_none=True)
         return loss, terms
+
+
+@dataclass
+class DistillStep(DistillStepBase):
+    """Classification's step: CE and KD on the logits; the discriminator judges the logits, or the taps' pooled
+    attention maps when its input is "attention"."""
+
+    def zero(self, x: torch.Tensor) -> torch.Tensor:
+        return x.new_zeros(())
+
+    def teacher_out(self, x: torch.Tensor) -> torch.Tensor:
+        return self.parts.teacher(x)
+
+    def student_out(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return self.parts.student(x)
+
+    def disc_inputs(
+        self, t_out: Any, s_out: Any, t_feats: list[torch.Tensor], s_feats: list[torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.parts.disc_raw.input == "attention":
+            return super().disc_inputs(t_out, s_out, t_feats, s_feats)
+        return t_out.float(), s_out.float()
+
+    def task_terms(
+        self, y: torch.Tensor, t_out: torch.Tensor, s_out: torch.Tensor, zero: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
+        kd = self.losses.kd
+        return {
+            "loss_ce": F.cross_entropy(s_out.float(), y),
+            "loss_kd": kd_loss(s_out.float(), t_out.float(), kd.temperature, kd.kind),
+        }

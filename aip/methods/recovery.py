@@ -21,6 +21,7 @@ from aip.compiled import compiled
 from aip.config import ConfigError, LossConfig
 from aip.distill.discriminator import Discriminator
 from aip.distill.features import FeatureTaps
+from aip.distill.step import StepParts
 from aip.guards import NonFiniteError
 from aip.prune.pruner import ChannelPruner
 from aip.seeding import derive_seed, seeded
@@ -97,7 +98,7 @@ def uses_taps(session: Session) -> bool:
     """Whether anything reads tapped features: attention transfer, a detector's adversarial term, or a classifier's
     discriminator on attention maps."""
     cfg = session.cfg
-    on_attention = session.task.name == "detection" or cfg.disc.input == "attention"
+    on_attention = session.task.disc_on_taps_only or cfg.disc.input == "attention"
     return cfg.loss.at.weight > 0 or (on_attention and cfg.loss.adv.weight > 0)
 
 
@@ -150,7 +151,7 @@ def tap_names(session: Session, student: nn.Module) -> list[str]:
         return []
     if cfg.model.taps:
         return cfg.model.taps
-    if cfg.loss.at.weight > 0 or session.task.name == "detection":
+    if cfg.loss.at.weight > 0 or session.task.disc_on_taps_only:
         return _default_taps(session, student)
     try:
         return _default_taps(session, student)
@@ -168,7 +169,7 @@ def discriminator(session: Session, taps: list[str]) -> nn.Module:
     maps with no taps to read them from (`tap_names`' fallback), it judges the logits."""
     cfg = session.cfg
     kind = cfg.disc.input
-    if kind == "attention" and not taps and uses_taps(session) and session.task.name != "detection":
+    if kind == "attention" and not taps and uses_taps(session) and not session.task.disc_on_taps_only:
         kind = "logits"
     with seeded(derive_seed(cfg.seed, "discriminator")):
         width = session.task.disc_features(session.data.num_classes, taps, kind)
@@ -225,22 +226,8 @@ def recover(
         FeatureTaps(student, taps) as s_taps,
         compiled(acc.unwrap_model(student_p), cfg.train.compile),  # afresh for this stage's architecture
     ):
-        step = session.task.distill_step(
-            acc,
-            teacher,
-            student_p,
-            disc_p,
-            disc,
-            opt_s,
-            opt_d,
-            sched,
-            t_taps,
-            s_taps,
-            losses=losses or cfg.loss,
-            disc_steps=cfg.disc.steps,
-        )
-        if hasattr(step, "__enter__"):  # a detection step hooks the heads' class logits
-            stack.enter_context(step)
+        parts = StepParts(acc, teacher, student_p, disc_p, disc, opt_s, opt_d, sched, t_taps, s_taps)
+        step = stack.enter_context(session.task.distill_step(parts, losses or cfg.loss, cfg.disc.steps))
         for epoch in range(start[0], stage.epochs):
             session.seed(stage.index, epoch)
             student_p.train()
@@ -266,7 +253,7 @@ def recover(
                 if state.global_step % cfg.train.log_every == 0:
                     values = {k: v.item() for k, v in terms.items()}
                     values["loss"] = loss.item()
-                    task_loss = values.get("loss_ce", values.get("loss_det", 0.0))
+                    task_loss = values[session.task.loss_key]
                     bar.set_postfix(loss=f"{values['loss']:.3f}", task=f"{task_loss:.3f}")
                     session.log({f"train/{k}": v for k, v in values.items()}, state.global_step)
                     session.log({"train/lr": sched.get_last_lr()[0]}, state.global_step)

@@ -1,10 +1,11 @@
 """ACP's measurements: the channel responses the clustering reads, and a candidate structure's fitness.
 
-Both look at training images through the validation transform (`Task.search_sets`): a measurement on randomly
-cropped and flipped images would change with the random state. Only the candidates' short recovery trains on
-augmented images. What differs between tasks (batches, inputs, loss, score) goes through the run's `Task`;
-classification is the default. The candidates of a swarm iteration are shared out over the processes and their
-scores gathered (`spread`), so every process works on the search and none waits idle for hours in a collective.
+Both look at training images through the validation transform (`SearchAdapter.search_sets`): a measurement on
+randomly cropped and flipped images would change with the random state. Only the candidates' short recovery trains
+on augmented images. What differs between tasks goes through the run's `Task`: batches (`collate`), the prunable
+view, and its `search` adapter for the data views, inputs, loss and score; classification is the default. The
+candidates of a swarm iteration are shared out over the processes and their scores gathered (`spread`), so every
+process works on the search and none waits idle for hours in a collective.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from aip.hooks import inspecting
 from aip.prune.importance import create_importance, needs_features
 from aip.prune.pruner import ChannelPruner, PruningError
 from aip.seeding import derive_seed, seeded
-from aip.tasks.base import Task
+from aip.tasks.base import Task, search_adapter
 from aip.tasks.classification import ClassificationTask
 
 CLASSIFICATION = ClassificationTask()
@@ -43,7 +44,7 @@ class SearchData:
 
 def split_search_data(data: Any, holdout_size: int, seed: int, task: Task = CLASSIFICATION) -> SearchData:
     """A fixed random held-out part of `holdout_size` training images (by `seed`), and the rest."""
-    train, view = task.search_sets(data)
+    train, view = search_adapter(task).search_sets(data)
     order = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))  # type: ignore[arg-type]
     held, rest = order[:holdout_size].tolist(), order[holdout_size:].tolist()
     return SearchData(Subset(train, rest), Subset(view, held), Subset(view, rest))
@@ -72,9 +73,10 @@ def channel_responses(
 
     subset = Subset(data, range(min(count, len(data))))  # type: ignore[arg-type]
     loader = DataLoader(subset, batch_size=batch_size, collate_fn=task.collate)
+    search = search_adapter(task)
     with inspecting(model, {m: keep(name) for name, m in roots.items()}):
         for x, _ in loader:
-            model(task.view_inputs(model, x, device))
+            model(search.view_inputs(model, x, device))
     return {name: torch.cat(chunks, dim=1) for name, chunks in store.items()}
 
 
@@ -98,9 +100,10 @@ def cut_to_widths(
     importance = create_importance("similarity", prune_cfg)
     if needs_features(importance):
         loader = DataLoader(calibration, batch_size=batch_size, collate_fn=task.collate)
+        search = search_adapter(task)
         with torch.no_grad(), importance.recording(pruner.model), inspecting(pruner.model):
             for x, _ in islice(loader, prune_cfg.calibration_batches):
-                pruner.model(task.view_inputs(pruner.model, x, device))
+                pruner.model(search.view_inputs(pruner.model, x, device))
     reached = pruner.prune_to_widths(widths, importance)
     if budget is not None and pruner.cost(metric) > budget * (1 + BUDGET_SLACK):
         wider = {n: (w, reached[n]) for n, w in widths.items() if reached.get(n, w) > w}
@@ -120,7 +123,7 @@ def recovered_score(
     task: Task = CLASSIFICATION,
 ) -> float:
     """The held-out score (%) of the teacher cut to `widths` after `acp.recovery_steps` training steps: top-1 for
-    classification, mAP@.5 for detection (`Task.holdout_score`), trained on `Task.recovery_loss`.
+    classification, mAP@.5 for detection (`SearchAdapter.holdout_score`), trained on `SearchAdapter.recovery_loss`.
 
     Seeded from the run's seed and the widths alone, so a candidate scores the same on any process, in any order,
     and leaves the global random state as it found it."""
@@ -136,7 +139,7 @@ def recovered(
     task: Task = CLASSIFICATION,
 ) -> tuple[float, dict[str, int]]:
     """`recovered_score`, and the widths the candidate model was really cut to (what its cost must be priced at)."""
-    device = example.device
+    device, search = example.device, search_adapter(task)
     with seeded(derive_seed(cfg.seed, "acp-candidate", tuple(widths.values()))):
         model = copy.deepcopy(teacher).requires_grad_(True).train()
         pruner = ChannelPruner(*task.prunable(model, example))
@@ -157,7 +160,7 @@ def recovered(
         steps = 0
         while steps < cfg.acp.recovery_steps:
             for x, y in loader:
-                loss = task.recovery_loss(model, teacher, *send_to_device((x, y), device), cfg)
+                loss = search.recovery_loss(model, teacher, *send_to_device((x, y), device), cfg)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
@@ -167,7 +170,7 @@ def recovered(
         model.eval()
         holdout = DataLoader(data.holdout, batch_size=cfg.data.eval_batch_size, collate_fn=task.collate)
         with torch.no_grad():
-            return task.holdout_score(model, holdout, device), {**widths, **reached}
+            return search.holdout_score(model, holdout, device), {**widths, **reached}
 
 
 def spread(

@@ -1,4 +1,5 @@
-"""Classification: in-memory or folder data sets, cross-entropy, top-1/top-5, logits to the discriminator."""
+"""Classification: in-memory or folder data sets, cross-entropy, top-1/top-5, logits to the discriminator, and what
+ACP's width search needs of it (`ClassificationSearch`)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
-from accelerate import PartialState
+from accelerate import Accelerator, PartialState
 from torch import nn
 from torch.utils.data import Dataset
 
@@ -18,11 +19,69 @@ from aip.export import write_exports
 from aip.models import classifier_of, create_model, default_taps
 from aip.models.pretrained import pretrained_data
 from aip.prune.cost import model_cost
-from aip.tasks.base import Task
+from aip.tasks.base import ExportTarget, SearchAdapter, Task
 
 if TYPE_CHECKING:
     from aip.config import Config, LossConfig
-    from aip.session import Session
+    from aip.distill.step import StepParts
+
+
+def topk_correct(logits: torch.Tensor, labels: torch.Tensor, ks: tuple[int, ...] = (1, 5)) -> list[torch.Tensor]:
+    """How many of `labels` are among the top-k `logits`, for each k."""
+    top = logits.topk(min(max(ks), logits.shape[1]), dim=1).indices
+    hits = top.eq(labels[:, None])
+    return [hits[:, :k].any(dim=1).sum() for k in ks]
+
+
+@torch.no_grad()
+def evaluate_classifier(model: nn.Module, loader: Any, accelerator: Accelerator) -> tuple[float, float]:
+    """Top-1 and top-5 (%) over the whole validation set, each sample counted once across processes; an in-memory
+    set's uint8 batches are normalised here, on the device."""
+    was_training = model.training
+    model.eval()
+    correct1 = correct5 = total = 0
+    transform = getattr(loader.dataset, "device_transform", None)
+    for x, y in loader:
+        if transform is not None:
+            x = transform(x)
+        with accelerator.autocast():
+            logits = model(x)
+        logits, y = accelerator.gather_for_metrics((logits, y))
+        c1, c5 = topk_correct(logits.float(), y)
+        correct1 += int(c1)
+        correct5 += int(c5)
+        total += y.numel()
+    model.train(was_training)
+    return 100.0 * correct1 / max(total, 1), 100.0 * correct5 / max(total, 1)
+
+
+class ClassificationSearch(SearchAdapter):
+    """ACP on a classifier: the training set through both transforms, CE (with KD under acp.distill), top-1."""
+
+    def search_sets(self, data: Any) -> tuple[Dataset, Dataset]:
+        return data.train, data.train_eval if data.train_eval is not None else data.train
+
+    def view_inputs(self, view: nn.Module, x: Any, device: torch.device) -> torch.Tensor:
+        return x.to(device)
+
+    def recovery_loss(self, model: nn.Module, teacher: nn.Module, x: Any, y: Any, cfg: Config) -> torch.Tensor:
+        logits = model(x)
+        loss = F.cross_entropy(logits, y)
+        if cfg.acp.distill:
+            with torch.no_grad():
+                t_logits = teacher(x)
+            kd = kd_loss(logits, t_logits, cfg.loss.kd.temperature, cfg.loss.kd.kind)
+            loss = cfg.loss.ce.weight * loss + cfg.loss.kd.weight * kd
+        return loss
+
+    @torch.no_grad()
+    def holdout_score(self, model: nn.Module, loader: Any, device: torch.device) -> float:
+        """Top-1 (%)."""
+        correct = total = 0
+        for x, y in loader:
+            correct += int((model(x.to(device)).argmax(1) == y.to(device)).sum())
+            total += len(y)
+        return 100.0 * correct / max(total, 1)
 
 
 class ClassificationTask(Task):
@@ -30,6 +89,10 @@ class ClassificationTask(Task):
 
     name = "classification"
     metrics = ("top1", "top5")
+    loss_key = "loss_ce"
+    disc_on_taps_only = False  # disc.input decides: logits, softmax or the taps' attention maps
+    probes_classes = True
+    search = ClassificationSearch()
 
     def build_data(self, cfg: Config) -> Any:
         """The data set, with a pretrained model's normalisation and sizes where the config leaves them unset."""
@@ -58,8 +121,8 @@ class ClassificationTask(Task):
     def loss(self, model: nn.Module, x: Any, y: Any) -> torch.Tensor:
         return F.cross_entropy(model(x), y)
 
-    def evaluate(self, session: Session, model: nn.Module, loader: Any) -> dict[str, float]:
-        top1, top5 = session.evaluate(model, loader)
+    def evaluate(self, model: nn.Module, loader: Any, accelerator: Accelerator) -> dict[str, float]:
+        top1, top5 = evaluate_classifier(model, loader, accelerator)
         return {"top1": top1, "top5": top5}
 
     def describe(self, values: dict[str, float]) -> str:
@@ -71,33 +134,8 @@ class ClassificationTask(Task):
     def disc_features(self, num_classes: int, taps: list[str], disc_input: str) -> int:
         return len(taps) * GRID * GRID if disc_input == "attention" else num_classes
 
-    def distill_step(self, *args: Any, losses: LossConfig, disc_steps: int = 1) -> DistillStep:
-        return DistillStep(*args, losses, disc_steps)
+    def distill_step(self, parts: StepParts, losses: LossConfig, disc_steps: int = 1) -> DistillStep:
+        return DistillStep(parts, losses, disc_steps)
 
-    def search_sets(self, data: Any) -> tuple[Dataset, Dataset]:
-        return data.train, data.train_eval if data.train_eval is not None else data.train
-
-    def view_inputs(self, view: nn.Module, x: Any, device: torch.device) -> torch.Tensor:
-        return x.to(device)
-
-    def recovery_loss(self, model: nn.Module, teacher: nn.Module, x: Any, y: Any, cfg: Config) -> torch.Tensor:
-        logits = model(x)
-        loss = F.cross_entropy(logits, y)
-        if cfg.acp.distill:
-            with torch.no_grad():
-                t_logits = teacher(x)
-            kd = kd_loss(logits, t_logits, cfg.loss.kd.temperature, cfg.loss.kd.kind)
-            loss = cfg.loss.ce.weight * loss + cfg.loss.kd.weight * kd
-        return loss
-
-    @torch.no_grad()
-    def holdout_score(self, model: nn.Module, loader: Any, device: torch.device) -> float:
-        """Top-1 (%)."""
-        correct = total = 0
-        for x, y in loader:
-            correct += int((model(x.to(device)).argmax(1) == y.to(device)).sum())
-            total += len(y)
-        return 100.0 * correct / max(total, 1)
-
-    def export(self, session: Session, model: nn.Module, history: list, only_stale: bool) -> list[str]:
-        return write_exports(model, session.example, session.run_dir, session.cfg.export.formats, only_stale)
+    def export(self, target: ExportTarget, model: nn.Module, history: list, only_stale: bool) -> list[str]:
+        return write_exports(model, target.example, target.run_dir, target.cfg.export.formats, only_stale)

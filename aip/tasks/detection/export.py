@@ -14,13 +14,13 @@ import torch
 from torch import nn
 
 from aip.checkpoint import CheckpointError
-from aip.models.user import given_copy, given_name
+from aip.models.user import given_copy
 from aip.prune.restore import rebuild
 from aip.tasks.detection.models import create_detector
 from aip.tasks.detection.prunable import PrunableDetector, head_layers
 
 if TYPE_CHECKING:
-    from aip.session import Session
+    from aip.tasks.base import ExportTarget
 
 WEIGHTS_FILE = "model_pruned.pt"
 PT2_FILE = "model_pruned.pt2"
@@ -86,26 +86,25 @@ def _pt2(model: nn.Module, example: torch.Tensor, path: Path) -> str | None:
     return None
 
 
-def write_detection_exports(session: Session, model: nn.Module, history: list, only_stale: bool) -> list[str]:
+def write_detection_exports(target: ExportTarget, model: nn.Module, history: list, only_stale: bool) -> list[str]:
     """model_pruned.pt always (and model_pruned.pt2 when export.formats has pt2 and it traces); says which."""
-    run_dir, written = session.run_dir, []
+    run_dir, formats, written = target.run_dir, target.cfg.export.formats, []
     weights = run_dir / WEIGHTS_FILE
     if not (only_stale and weights.is_file()):
-        given = None if session.model is None else given_name(session.model)
-        save_pruned(weights, model, history, session.cfg.to_dict(), session.data.num_classes, given)
+        save_pruned(weights, model, history, target.cfg.to_dict(), target.num_classes, target.given)
         written.append(WEIGHTS_FILE)
-    if "pt2" in session.cfg.export.formats and not (only_stale and (run_dir / PT2_FILE).is_file()):
+    if "pt2" in formats and not (only_stale and (run_dir / PT2_FILE).is_file()):
         was_training = model.training
-        reason = _pt2(model.eval(), session.example, run_dir / PT2_FILE)
+        reason = _pt2(model.eval(), target.example, run_dir / PT2_FILE)
         model.train(was_training)
         if reason is None:
             written.append(PT2_FILE)
         else:
-            session.print(f"pt2: the detector does not trace with torch.export ({reason})")
-    if "onnx" in session.cfg.export.formats:
-        session.print("onnx: not written for detectors")
+            target.print(f"pt2: the detector does not trace with torch.export ({reason})")
+    if "onnx" in formats:
+        target.print("onnx: not written for detectors")
     if written:
-        session.print(
+        target.print(
             f"exported {', '.join(written)}; rebuild the pruned detector with aip.load_pruned({str(weights)!r})"
         )
     return written

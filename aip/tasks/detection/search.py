@@ -1,5 +1,6 @@
-"""What ACP's width search needs of a detector: training images whose augmentation ignores the run's epoch, and a
-candidate's short-recovery loss (the detector's own losses, KD on a dense head's class logits under acp.distill)."""
+"""What ACP's width search needs of a detector (`DetectionSearch`): training images whose augmentation ignores the
+run's epoch, a candidate's short-recovery loss (the detector's own losses, KD on a dense head's class logits under
+acp.distill), the prunable view's inputs and mAP@.5 as the held-out score."""
 
 from __future__ import annotations
 
@@ -10,8 +11,11 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
+from aip.data import eval_view
 from aip.distill.losses import kd_loss
+from aip.tasks.base import SearchAdapter
 from aip.tasks.detection.distill import has_dense_head, teacher_forward
+from aip.tasks.detection.metrics import evaluate_detector
 
 if TYPE_CHECKING:
     from aip.config import Config
@@ -56,3 +60,20 @@ def recovery_loss(
         kd = kd_loss(student, t_logits.float().flatten(0, 1), cfg.loss.kd.temperature, cfg.loss.kd.kind)
         loss = loss + cfg.loss.kd.weight * kd
     return loss
+
+
+class DetectionSearch(SearchAdapter):
+    """ACP on a detector: fixed-epoch training images, the detector's losses, mAP@.5 of the held-out images."""
+
+    def search_sets(self, data: Any) -> tuple[Dataset, Dataset]:
+        return fixed_epoch(data.train), eval_view(data.train, data.val)
+
+    def view_inputs(self, view: nn.Module, x: Any, device: torch.device) -> torch.Tensor:
+        return view.batch([image.to(device) for image in x])
+
+    def recovery_loss(self, model: nn.Module, teacher: nn.Module, x: Any, y: Any, cfg: Config) -> torch.Tensor:
+        return recovery_loss(model, teacher, x, y, cfg)
+
+    def holdout_score(self, model: nn.Module, loader: Any, device: torch.device) -> float:
+        """mAP@.5 (%)."""
+        return evaluate_detector(model, loader, device)["map50"]

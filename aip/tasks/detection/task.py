@@ -6,26 +6,25 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 import torch
+from accelerate import Accelerator
 from torch import nn
-from torch.utils.data import Dataset
 
-from aip.data import eval_view
 from aip.distill.adversarial import GRID
 from aip.prune.cost import model_cost
-from aip.tasks.base import Task
+from aip.tasks.base import ExportTarget, Task
 from aip.tasks.detection.datasets import build_detection_data, check_detection_data, check_train_size
 from aip.tasks.detection.distill import DetectionDistillStep
 from aip.tasks.detection.export import write_detection_exports
 from aip.tasks.detection.metrics import evaluate_detector
 from aip.tasks.detection.models import create_detector
 from aip.tasks.detection.prunable import PrunableDetector, head_layers
-from aip.tasks.detection.search import fixed_epoch, recovery_loss
+from aip.tasks.detection.search import DetectionSearch
 from aip.tasks.detection.taps import detection_taps
 from aip.tasks.detection.transforms import collate
 
 if TYPE_CHECKING:
     from aip.config import Config, LossConfig
-    from aip.session import Session
+    from aip.distill.step import StepParts
 
 SYNTHETIC_KEYS = ("num_classes", "train_size", "val_size")  # data.* keys the synthetic set takes as its options
 
@@ -55,6 +54,10 @@ class DetectionTask(Task):
     name = "detection"
     metrics = ("map", "map50")
     collate = staticmethod(collate)
+    loss_key = "loss_det"
+    disc_on_taps_only = True  # pooled attention maps: a width that pruned levels never change
+    probes_classes = False  # a detector's output is boxes: its class count is the data's
+    search = DetectionSearch()
 
     def build_data(self, cfg: Config) -> Any:
         return build_data(cfg)
@@ -80,13 +83,11 @@ class DetectionTask(Task):
         losses = detector(list(x), list(y))
         return sum(losses.values(), torch.zeros((), device=x[0].device))
 
-    def evaluate(self, session: Session, model: nn.Module, loader: Any) -> dict[str, float]:
-        acc = session.accelerator
-
+    def evaluate(self, model: nn.Module, loader: Any, accelerator: Accelerator) -> dict[str, float]:
         def gather(records: list) -> list:
-            return acc.gather_for_metrics(records, use_gather_object=True)
+            return accelerator.gather_for_metrics(records, use_gather_object=True)
 
-        return evaluate_detector(model, loader, acc.device, gather=gather)
+        return evaluate_detector(model, loader, accelerator.device, gather=gather)
 
     def describe(self, values: dict[str, float]) -> str:
         return f"mAP {values['map']:.2f}  mAP@.5 {values['map50']:.2f}"
@@ -97,24 +98,11 @@ class DetectionTask(Task):
     def disc_features(self, num_classes: int, taps: list[str], disc_input: str) -> int:
         return max(1, len(taps)) * GRID * GRID
 
-    def distill_step(self, *args: Any, losses: LossConfig, disc_steps: int = 1) -> DetectionDistillStep:
-        return DetectionDistillStep(*args, losses, disc_steps)
-
-    def search_sets(self, data: Any) -> tuple[Dataset, Dataset]:
-        return fixed_epoch(data.train), eval_view(data.train, data.val)
-
-    def view_inputs(self, view: nn.Module, x: Any, device: torch.device) -> torch.Tensor:
-        return view.batch([image.to(device) for image in x])
-
-    def recovery_loss(self, model: nn.Module, teacher: nn.Module, x: Any, y: Any, cfg: Config) -> torch.Tensor:
-        return recovery_loss(model, teacher, x, y, cfg)
-
-    def holdout_score(self, model: nn.Module, loader: Any, device: torch.device) -> float:
-        """mAP@.5 (%)."""
-        return evaluate_detector(model, loader, device)["map50"]
+    def distill_step(self, parts: StepParts, losses: LossConfig, disc_steps: int = 1) -> DetectionDistillStep:
+        return DetectionDistillStep(parts, losses, disc_steps)
 
     def set_epoch(self, data: Any, value: int) -> None:
         data.train.set_epoch(value)
 
-    def export(self, session: Session, model: nn.Module, history: list, only_stale: bool) -> list[str]:
-        return write_detection_exports(session, model, history, only_stale)
+    def export(self, target: ExportTarget, model: nn.Module, history: list, only_stale: bool) -> list[str]:
+        return write_detection_exports(target, model, history, only_stale)
