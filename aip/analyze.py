@@ -35,7 +35,7 @@ def _load(session: Session, path: Path) -> torch.nn.Module:
 
 def analyze(config: str, checkpoint: str, overrides: list[str], out: str | None) -> int:
     from aip.config import ConfigError, load_config
-    from aip.methods.recovery import calibration
+    from aip.methods.processes import calibration
     from aip.models import classifier_of
     from aip.prune.capacity import estimate_capacity
     from aip.prune.cost import model_cost

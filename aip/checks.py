@@ -14,6 +14,7 @@ import importlib.util
 from aip.config import TRACKERS, Config
 from aip.data import DATASETS
 from aip.errors import ConfigError
+from aip.methods.modes import MODES
 from aip.models import check_model_name
 from aip.models.pretrained import check_pretrained
 from aip.models.user import is_import_path
@@ -40,6 +41,7 @@ def check_names(cfg: Config, dataset: bool = True) -> None:
     The data set's checks look for its files under data.root (without reading them); `--print-config` skips them.
     """
     check_task(cfg)
+    _one_of("mode", cfg.mode, MODES.names())
     if cfg.task == "detection":
         check_detection_names(cfg)
     else:

@@ -45,7 +45,6 @@ from aip.schema import WeightedLoss as WeightedLoss
 from aip.schema import option as option
 
 SEED_MAX = 2**32 - 1
-MODES = ("aip", "train", "acp", "eval")
 ACP_FINAL = ("aip", "finetune")
 SCHEDULERS = ("cosine", "step", "constant")
 MIXED_PRECISION = ("no", "fp16", "bf16")
@@ -193,13 +192,12 @@ def _check_finite(node: Any, prefix: str = "") -> None:
 def validate(cfg: Config) -> None:
     """Refuse impossible values before any work is done.
 
-    Names that registries hold (model, data set, criteria) and data-set specific keys are checked by
+    Names that registries hold (task, mode, model, data set, criteria) and data-set specific keys are checked by
     `aip.checks.check_names`, above the registries: this module imports none of them, so they can import it.
     """
     _check_finite(cfg)
     if not 0 <= cfg.seed <= SEED_MAX:
         raise ConfigError(f"seed: must lie in 0..{SEED_MAX} (what NumPy's seeding takes), got {cfg.seed}")
-    _choice("mode", cfg.mode, MODES)
     _validate_task(cfg)
     _choice("train.scheduler", cfg.train.scheduler, SCHEDULERS)
     if cfg.train.mixed_precision is not None:

@@ -121,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     from aip.config import ConfigError
     from aip.guards import NonFiniteError
     from aip.images import DataError
-    from aip.methods.recovery import RankMismatchError
+    from aip.methods.processes import RankMismatchError
     from aip.prune.pruner import PruningError
     from aip.registry import UnknownNameError
     from aip.runner import execute

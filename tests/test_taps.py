@@ -16,8 +16,8 @@ from torch.utils.data import TensorDataset
 
 import aip
 from aip.config import ConfigError, config_from_dict
+from aip.distill.parts import check_taps
 from aip.methods.pruning import check_round_to
-from aip.methods.recovery import check_taps
 from aip.session import Session
 from aip.train import main
 from tests.conftest import tiny_run

@@ -12,8 +12,9 @@ from torch import nn
 
 from aip.config import KDLoss, LossConfig, WeightedLoss
 from aip.errors import ConfigError
+from aip.methods.processes import check_same_architecture
 from aip.methods.pruning import start_pruning, target_ratio
-from aip.methods.recovery import Stage, check_same_architecture, end_stage
+from aip.methods.recovery import Stage, end_stage
 from aip.prune.pruner import ChannelPruner
 from aip.search.fitness import cut_to_widths, split_search_data
 from aip.search.widths import search_widths

@@ -5,19 +5,19 @@ target, `prune.round_to` and the run's end."""
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from accelerate.utils import broadcast_object_list
 from torch import nn
 from torch.utils.data import DataLoader
 
 from aip import checkpoint as ckpt
 from aip.config import Config, ConfigError, LossConfig
-from aip.methods.recovery import Stage, check_taps, discriminator, recover, restore_stage, tap_names
+from aip.distill.parts import check_taps, discriminator, tap_names
+from aip.methods.processes import on_main
+from aip.methods.recovery import Stage, recover, restore_stage
 from aip.methods.train import copy_teacher, load_teacher
 from aip.prune.latency import measure_latency
 from aip.prune.pruner import ChannelPruner
@@ -36,15 +36,6 @@ def target_metric(cfg: Config) -> str:
     """What the target counts: flops, params or latency (milliseconds)."""
     p = cfg.prune
     return "flops" if p.target_flops_ratio is not None else "params" if p.target_params_ratio is not None else "latency"
-
-
-def on_main(session: Session, measure: Callable[[], Any]) -> Any:
-    """`measure()` on the main process, its result on every process (timings differ between processes, and every
-    process must prune the same channels)."""
-    box = [measure() if session.main else None]
-    if session.accelerator.num_processes > 1:
-        broadcast_object_list(box)
-    return box[0]
 
 
 def timing_batch(session: Session) -> torch.Tensor:
