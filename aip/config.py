@@ -26,6 +26,7 @@ from aip.errors import ConfigError as ConfigError  # re-exported: it lived here 
 # The sections and keys, re-exported: they lived here before aip/schema.py.
 from aip.schema import AcpConfig as AcpConfig
 from aip.schema import ActivationConfig as ActivationConfig
+from aip.schema import ATLoss as ATLoss
 from aip.schema import CapacityConfig as CapacityConfig
 from aip.schema import CheckpointConfig as CheckpointConfig
 from aip.schema import Config as Config
@@ -52,6 +53,7 @@ PRUNE_SCHEDULES = ("geometric", "linear")
 KD_KINDS = ("kl", "mse")
 DISC_INPUTS = ("logits", "softmax", "attention")
 TEACHERS = ("original", "assistant")
+AT_SCHEDULES = ("constant", "lr")
 SIMILARITY_SOURCES = ("weights", "features")
 CAPACITY_MODES = ("cap", "hierarchical")
 ACTIVATION_MODES = ("fraction", "threshold")
@@ -206,6 +208,7 @@ def validate(cfg: Config) -> None:
     _choice("loss.kd.kind", cfg.loss.kd.kind, KD_KINDS)
     _choice("disc.input", cfg.disc.input, DISC_INPUTS)
     _choice("loss.teacher", cfg.loss.teacher, TEACHERS)
+    _choice("loss.at.schedule", cfg.loss.at.schedule, AT_SCHEDULES)
     for i, fmt in enumerate(cfg.export.formats):
         _choice(f"export.formats[{i}]", fmt, EXPORT_FORMATS)
     if len(set(cfg.export.formats)) < len(cfg.export.formats):

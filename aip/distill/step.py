@@ -83,6 +83,15 @@ class DistillStepBase:
         """The task loss under `task_key` (and any parts of it to log), then `loss_kd`."""
         raise NotImplementedError
 
+    def at_weight(self) -> float:
+        """Attention transfer's weight for this step: loss.at.weight, times the learning rate's share of its value at
+        the stage's start under `loss.at.schedule: lr` (the scheduler's state: a resumed stage goes on alike)."""
+        at = self.losses.at
+        if getattr(at, "schedule", "constant") != "lr":
+            return at.weight
+        group = self.parts.opt_s.param_groups[0]
+        return at.weight * group["lr"] / group.get("initial_lr", group["lr"])
+
     def __call__(self, x: Any, y: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         p, w = self.parts, self.losses
         acc = p.accelerator
@@ -100,7 +109,8 @@ class DistillStepBase:
                 terms["loss_d"] = update_discriminator(acc, p.disc, p.opt_d, real, fake, self.disc_steps)
             terms.update(self.task_terms(y, t_out, s_out, zero))
             terms["loss_at"] = attention_loss(s_feats, t_feats) if w.at.weight > 0 else zero
-            loss = w.ce.weight * terms[self.task_key] + w.kd.weight * terms["loss_kd"] + w.at.weight * terms["loss_at"]
+            at = self.at_weight()
+            loss = w.ce.weight * terms[self.task_key] + w.kd.weight * terms["loss_kd"] + at * terms["loss_at"]
             if use_adv:
                 p.disc_raw.requires_grad_(False)
                 terms["loss_adv"] = adversarial_loss(p.disc_raw(fake))

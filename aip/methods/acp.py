@@ -10,7 +10,7 @@ import torch
 from accelerate.utils import broadcast_object_list
 from torch import nn
 
-from aip.config import KDLoss, LossConfig, WeightedLoss
+from aip.config import ATLoss, KDLoss, LossConfig, WeightedLoss
 from aip.errors import ConfigError
 from aip.methods.processes import check_same_architecture
 from aip.methods.pruning import start_pruning, target_ratio
@@ -67,7 +67,7 @@ def run_acp(session: Session, resume: Path | None = None, branch: Path | None = 
     if session.state.stage < stage.index:
         if not run.resuming_in(stage):
             acp_prune(session, run.teacher, run.pruner, run.base, run.metric)
-        plain = LossConfig(ce=WeightedLoss(1.0), kd=KDLoss(weight=0.0), at=WeightedLoss(0.0), adv=WeightedLoss(0.0))
+        plain = LossConfig(ce=WeightedLoss(1.0), kd=KDLoss(weight=0.0), at=ATLoss(weight=0.0), adv=WeightedLoss(0.0))
         prepared = run.recover(stage, losses=plain if session.cfg.acp.final == "finetune" else None)
         end_stage(session, stage, prepared, run.val, run.base, run.pruner)
     return run.finish()
