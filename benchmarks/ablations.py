@@ -58,6 +58,11 @@ VARIANTS: dict[str, tuple[str, dict]] = {
         {"loss": {"teacher": "assistant"}},
     ),
     "at_deep": ("attention transfer at layer2 and layer3 only", {"model": {"taps": ["layer2", "layer3"]}}),
+    "at_lr": ("attention transfer's weight follows the learning rate", {"loss": {"at": {"schedule": "lr"}}}),
+    "assistant_at_lr": (
+        "teacher assistant and attention transfer following the learning rate",
+        {"loss": {"teacher": "assistant", "at": {"schedule": "lr"}}},
+    ),
 }
 
 
