@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import subprocess
 import sys
 import time
@@ -80,7 +79,7 @@ def run_peer(
     command += [x for k, v in args.items() for x in (f"--{k}", str(v))] + ["--out", str(tmp)]
     print(f"{label}: running {SCRIPT.name}", flush=True)
     start = time.perf_counter()
-    code = subprocess.run(command, env=os.environ.copy()).returncode
+    code = subprocess.run(command).returncode
     if code != 0:
         sys.exit(f"error: the peer run {label} failed (exit {code}); see its output above")
     result = {**json.loads(tmp.read_text()), "key": key, "wall_seconds": time.perf_counter() - start}

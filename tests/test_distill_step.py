@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from aip import checkpoint as ckpt
-from aip.config import KDLoss, LossConfig, WeightedLoss
+from aip.config import ATLoss, KDLoss, LossConfig, WeightedLoss
 from aip.distill.adversarial import GRID, pooled_attention
 from aip.distill.discriminator import Discriminator
 from aip.distill.features import FeatureTaps
@@ -38,7 +38,7 @@ def _batches(n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
 
 
 def _losses(ce: float = 0.7, kd: float = 0.3, adv: float = 1.0) -> LossConfig:
-    return LossConfig(WeightedLoss(ce), KDLoss(weight=kd), WeightedLoss(0.0), WeightedLoss(adv))
+    return LossConfig(WeightedLoss(ce), KDLoss(weight=kd), ATLoss(weight=0.0), WeightedLoss(adv))
 
 
 def _step(

@@ -87,7 +87,7 @@ class DistillStepBase:
         """Attention transfer's weight for this step: loss.at.weight, times the learning rate's share of its value at
         the stage's start under `loss.at.schedule: lr` (the scheduler's state: a resumed stage goes on alike)."""
         at = self.losses.at
-        if getattr(at, "schedule", "constant") != "lr":
+        if at.schedule != "lr":
             return at.weight
         group = self.parts.opt_s.param_groups[0]
         return at.weight * group["lr"] / group.get("initial_lr", group["lr"])

@@ -12,8 +12,8 @@ from torch import nn
 from aip import checkpoint as ckpt
 from aip.accel import plain_forward, strip_autocast
 from aip.config import Config
-from aip.methods.processes import calibration, check_same_architecture
-from aip.methods.pruning import PruningRun, on_main, start_pruning, target_ratio, timing_batch
+from aip.methods.processes import calibration, check_same_architecture, on_main
+from aip.methods.pruning import PruningRun, start_pruning, target_ratio, timing_batch
 from aip.methods.recovery import Stage, end_stage
 from aip.prune.capacity import LayerCapacity, estimate_capacity
 from aip.prune.importance import create_importance, prune_threshold
