@@ -53,7 +53,7 @@ PRUNE_SCHEDULES = ("geometric", "linear")
 KD_KINDS = ("kl", "mse")
 DISC_INPUTS = ("logits", "softmax", "attention")
 TEACHERS = ("original", "assistant")
-AT_SCHEDULES = ("constant", "lr")
+AT_SCHEDULES = ("constant", "lr", "ramp")
 SIMILARITY_SOURCES = ("weights", "features")
 CAPACITY_MODES = ("cap", "hierarchical")
 ACTIVATION_MODES = ("fraction", "threshold")
@@ -241,7 +241,7 @@ def validate(cfg: Config) -> None:
         if p.target_latency_ratio is not None and p.activation.mode == "threshold":
             raise ConfigError("prune.target_latency_ratio: activation.mode threshold needs a FLOPs or params target")
         if cfg.loss.teacher == "assistant" and cfg.mode == "acp":
-            raise ConfigError("loss.teacher: assistant needs the stages of mode aip; mode acp recovers in one stage")
+            raise ConfigError("loss.teacher: assistant is mode aip's; under mode acp set loss.teacher: original")
     if not 0.0 < cfg.prune.max_layer_ratio < 1.0:
         raise ConfigError(f"prune.max_layer_ratio: must lie in (0, 1); got {cfg.prune.max_layer_ratio}")
     _positive("prune.intervals", cfg.prune.intervals)

@@ -198,7 +198,7 @@ class PruneConfig:
     )
     intervals: int = option(3, "pruning intervals (stages) to reach the target in")
     epochs_between: int = option(1, "recovery epochs after each pruning interval")
-    finetune_epochs: int = option(1, "fine-tuning epochs after the last interval (mode acp: the recovery)")
+    finetune_epochs: int = option(1, "fine-tuning epochs after the last interval")
     schedule: str = option(
         "geometric", "steps towards the target: geometric (same fraction of what is left) or linear (same share)"
     )
@@ -247,7 +247,7 @@ class AcpConfig:
     recovery_steps: int = option(200, "training steps of each candidate before its fitness is measured")
     holdout_size: int = option(1000, "training images held out to measure fitness on (top-1; mAP@.5 for detection)")
     distill: bool = option(True, "distil the candidates' recovery steps from the teacher")
-    final: str = option("aip", "recovery of the best structure: aip (the AIP losses) or finetune (the task loss alone)")
+    final: str = option("aip", "recovery of every stage: aip (the AIP losses) or finetune (the task loss alone)")
     timeout_minutes: float = option(
         120.0, "process-group timeout: each process waits at every swarm iteration for the slowest one's share"
     )
@@ -278,8 +278,8 @@ class ATLoss:
     weight: float = option(1000.0, "weight of the term in the student's loss (the paper's beta; 0: off)")
     schedule: str = option(
         "constant",
-        "constant, or lr: the weight follows the learning rate's schedule within each stage (full right after a "
-        "prune, fading as the student settles)",
+        "constant; lr: the weight follows the learning rate's schedule within each stage (full right after a "
+        "prune, fading as the student settles); ramp: its mirror (none right after a prune, full at the stage's end)",
     )
 
 

@@ -56,6 +56,7 @@ class RunState:
     curve: list[dict[str, Any]] = field(default_factory=list)  # train.eval_each_epoch: top-1 per recovery epoch
     pruning_log: list[dict[str, Any]] = field(default_factory=list)
     capacity: dict[str, dict[str, Any]] = field(default_factory=dict)
+    searched_widths: dict[str, int] = field(default_factory=dict)  # mode acp: the search's final widths
     round_to: int | None = None  # prune.round_to as the run's first process resolved it (auto), kept on resume
     notes: list[str] = field(default_factory=list)  # what the run decided in the user's place, for the report
 

@@ -59,6 +59,10 @@ VARIANTS: dict[str, tuple[str, dict]] = {
     ),
     "at_deep": ("attention transfer at layer2 and layer3 only", {"model": {"taps": ["layer2", "layer3"]}}),
     "at_lr": ("attention transfer's weight follows the learning rate", {"loss": {"at": {"schedule": "lr"}}}),
+    "at_ramp": (
+        "attention transfer's weight mirrors the learning rate (none after a prune, full at a stage's end)",
+        {"loss": {"at": {"schedule": "ramp"}}},
+    ),
     "assistant_at_lr": (
         "teacher assistant and attention transfer following the learning rate",
         {"loss": {"teacher": "assistant", "at": {"schedule": "lr"}}},

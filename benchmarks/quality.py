@@ -7,20 +7,24 @@ No teacher is trained: the teacher is a fully trained CIFAR ResNet from ../share
 ResNet-20 92.60% / ResNet-56 94.37% top-1), loaded with `model.checkpoint_rename: {".downsample.": ".shortcut."}`
 and the normalisation it was trained with (`data.mean`/`data.std`, as configs/cifar10_resnet20_eval.yaml).
 From it, for each target (50% and 30% of the teacher's FLOPs) and each seed, with the same criterion (L1), the same
-target, the same total recovery epochs, the same data order and the same seeds, six arms:
+target, the same total recovery epochs, the same data order and the same seeds, two peers and seven arms of aip's:
+  p_tp_ce, p_tp_kd  the peers: a plain Torch-Pruning script (benchmarks/peers/torch_pruning_kd.py), fine-tuned with
+                cross-entropy or with 0.7 CE + 0.3 logit KD (what people who prune use today),
   a_ce          prune + fine-tune with cross-entropy only (the usual Torch-Pruning workflow),
   b_kd          + distillation on the logits (KL),
   c_kd_at       + attention transfer,
   d_aip         + adversarial term (full AIP),
   e_aip_hybrid  full AIP with the hybrid criterion (L1, then similarity),
-  f_acp         `mode: acp`: searched per-layer widths, then one AIP recovery of as many epochs as the others' total
-                (the search itself is extra: its seconds and training steps are reported beside the wall times).
+  f_acp         `mode: acp`: per-layer widths searched once, then cut towards over the same intervals and AIP
+                recovery as the others (the search itself is extra: its seconds and training steps are reported
+                beside the wall times),
+  g_aip_capacity  full AIP with the effective-rank caps (`prune.capacity.enabled`).
 Top-1 is always on the full 10,000-image test set; training uses a fixed subset (`data.train_subset`).
 
-Statistics: mean and standard deviation over seeds per arm, and for each arm the paired difference to arm a of the
-same seed (mean, standard deviation, standard error); a difference is called a win only when the paired mean exceeds
-twice its standard error (a loss when it is below minus twice; with one seed no call is made). The same paired
-statistics between consecutive arms (b-a, c-b, d-c, e-d, f-d) say what each added term brings.
+Statistics: mean and standard deviation over seeds per arm (5 seeds for the peers and arms a, b, d, 3 for the
+others), and for each arm the paired difference to p_tp_kd and to a_ce over the seeds both ran (mean, standard
+deviation, standard error, two-sided paired t-test); a win or a loss only where p < 0.05. The same paired statistics
+between consecutive arms (b-a, c-b, d-c, e-d, f-d, g-d) say what each added term brings.
 
 Data: the lossless CIFAR-10 ImageFolder tree (train/, test/), by default ~/.cache/aip/cifar10, extracted from
 ../shared/data/cifar10.tar.gz when missing. Results: <out>/quality.json, quality.md, quality.png (--quick:
@@ -80,9 +84,17 @@ ARMS = {
     "d_aip": {"loss": LOSSES["aip"]},
     "e_aip_hybrid": {"loss": LOSSES["aip"], "prune": {"criterion": "hybrid"}},
     "f_acp": {"mode": "acp", "loss": LOSSES["aip"], "acp": {"final": "aip", "distill": True}},
+    "g_aip_capacity": {"loss": LOSSES["aip"], "prune": {"capacity": {"enabled": True}}},
 }
 # Consecutive comparisons: what each added ingredient brings over the arm without it.
-STEPS = [("b_kd", "a_ce"), ("c_kd_at", "b_kd"), ("d_aip", "c_kd_at"), ("e_aip_hybrid", "d_aip"), ("f_acp", "d_aip")]
+STEPS = [
+    ("b_kd", "a_ce"),
+    ("c_kd_at", "b_kd"),
+    ("d_aip", "c_kd_at"),
+    ("e_aip_hybrid", "d_aip"),
+    ("f_acp", "d_aip"),
+    ("g_aip_capacity", "d_aip"),
+]
 MODELS = {
     "resnet20": {"name": "cifar_resnet20", "weights": "cifar10_resnet20.pth", "published_top1": 92.60},
     "resnet56": {"name": "cifar_resnet56", "weights": "cifar10_resnet56.pth", "published_top1": 94.37},
@@ -167,9 +179,8 @@ def arm_config(arm: str, model: dict, weights: Path, data: Path, s: dict, target
         "export": {"formats": []},
     }
     cfg = merge(cfg, ARMS[arm])
-    if cfg["mode"] == "acp":  # one recovery stage of the others' total epochs; no intervals
+    if cfg["mode"] == "acp":  # the same intervals and recovery; the search's settings
         a = s["acp"]
-        cfg["prune"]["finetune_epochs"] = recovery_epochs(s)
         cfg["acp"].update(
             {
                 "calibration_images": a["calibration"],

@@ -139,7 +139,7 @@ def curve_table(out: dict) -> list[str]:
         "## Recovery curves",
         "",
         "Mean top-1 over seeds after each prune (p, at the epochs spent so far) and after each recovery epoch (e) "
-        "of aip's arms; f_acp prunes once, after its search. Plot: quality-curves.png.",
+        "of aip's arms; f_acp's first prune follows its search. Plot: quality-curves.png.",
     ]
     for target in out["results"]:
         lines += ["", f"### {float(target):.0%} of the teacher's FLOPs", ""]

@@ -123,7 +123,7 @@ def run_arm(cfg: dict, key_parts: dict, work: Path, label: str, dry: bool = Fals
     search = None
     if cfg["mode"] == "acp":
         log = json.loads((run_dir / "pruning_log.json").read_text())
-        search = next((e.get("seconds") for e in log if e.get("criterion") == "acp"), None)
+        search = next((e["search_seconds"] for e in log if "search_seconds" in e), None)
     meta = {"key": key, "seconds": seconds, "resumed": resumed, "search_seconds": search}
     done_path.write_text(json.dumps(meta, indent=1))
     done = complete(run_dir, key, cfg)

@@ -149,7 +149,7 @@ def test_acp_mode_takes_the_users_model(tmp_path: Path) -> None:
     acp = {"holdout_size": 48, "recovery_steps": 2, "calibration_images": 48, "swarm": swarm}
     cfg = _cfg(mode="acp", acp=acp)
     result = aip.run(cfg, teacher=UserNet(), train_data=_data(192, 1), val_data=_data(96, 2), out=tmp_path / "a")
-    assert [s["kind"] for s in result.report["stages"]] == ["acp"]
+    assert [s["kind"] for s in result.report["stages"]] == ["acp", "finetune"]  # one interval, then the fine-tune
     assert result.report["stages"][0]["flops"] <= 0.5 * result.report["teacher"]["flops"]
 
 

@@ -86,22 +86,30 @@ def acp_reference(teacher: Path, tmp_path_factory: pytest.TempPathFactory) -> tu
     return config, tmp / "reference"
 
 
+@pytest.mark.parametrize(
+    ("kill_at", "newest_name"),
+    [
+        (2, "stage-01-step-00000006"),  # inside the first interval: the second cut reads the searched widths back
+        (3, "stage-02-step-00000009"),  # inside the second interval: both cuts replayed from the history
+    ],
+)
 def test_killed_acp_run_resumes_mid_stage_to_the_unbroken_result(
-    acp_reference: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    acp_reference: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, kill_at: int, newest_name: str
 ) -> None:
     config, reference = acp_reference
     run_dir = tmp_path / "killed"
     run_dir.mkdir()
     for name in ("config.yaml", "acp_swarm.json"):  # killed after its search: the restart reads the swarm back
         shutil.copy2(reference / name, run_dir / name)
-    _run_killed_after(monkeypatch, ["--resume", str(run_dir)], mid_stage=3)
+    _run_killed_after(monkeypatch, ["--resume", str(run_dir)], mid_stage=kill_at)
     newest = ckpt.latest_valid(run_dir)
-    assert newest is not None and newest.name == "stage-01-step-00000009"  # epoch 2, batch 1 of 8
+    assert newest is not None and newest.name == newest_name  # 8 batches an epoch, a checkpoint every 3 steps
     assert not (run_dir / "report.json").exists()
     assert main(["--resume", str(run_dir)]) == 0
     assert_same_run(run_dir, reference)
     log, want = (json.loads((d / "pruning_log.json").read_text()) for d in (run_dir, reference))
     assert [e["widths"] for e in log] == [e["widths"] for e in want]
+    assert ["search_seconds" in e for e in log] == [True, False]  # searched once: the run state kept its widths
 
 
 def test_finished_acp_run_resumed_exports_the_recovered_student(

@@ -1,4 +1,4 @@
-"""Who teaches each stage and how hard: `loss.teacher: assistant` and `loss.at.schedule: lr`."""
+"""Who teaches each stage and how hard: `loss.teacher: assistant` and `loss.at.schedule: lr | ramp`."""
 
 from __future__ import annotations
 
@@ -93,16 +93,19 @@ def test_an_assistant_teaches_each_stage_after_the_first_and_a_resume_inside_a_s
     assert "needs the teacher assistant of stage 1" in capsys.readouterr().err
 
 
-def test_the_attention_weight_follows_the_learning_rate_under_schedule_lr() -> None:
+def test_the_attention_weight_follows_the_learning_rate_under_schedule_lr_and_mirrors_it_under_ramp() -> None:
     model = nn.Linear(2, 2)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=4)
     parts = StepParts(None, model, model, model, model, opt, opt, sched, None, None)  # type: ignore[arg-type]
     constant = DistillStep(parts, LossConfig(at=ATLoss(weight=1000.0)))
     follows = DistillStep(parts, LossConfig(at=ATLoss(weight=1000.0, schedule="lr")))
-    assert constant.at_weight() == follows.at_weight() == 1000.0
+    ramp = DistillStep(parts, LossConfig(at=ATLoss(weight=1000.0, schedule="ramp")))
+    assert constant.at_weight() == follows.at_weight() == 1000.0 and ramp.at_weight() == 0.0
     opt.step()
-    sched.step()
+    sched.step()  # a quarter of the way: cosine at (1 + cos(pi/4)) / 2 of its start
+    assert follows.at_weight() == pytest.approx(500.0 * (1 + 2**-0.5))
+    assert ramp.at_weight() == pytest.approx(1000.0 - 500.0 * (1 + 2**-0.5))
     sched.step()  # half way through the stage: cosine at 1/2 of its start
     assert constant.at_weight() == 1000.0
-    assert follows.at_weight() == pytest.approx(500.0)
+    assert follows.at_weight() == pytest.approx(500.0) and ramp.at_weight() == pytest.approx(500.0)

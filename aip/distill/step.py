@@ -84,13 +84,15 @@ class DistillStepBase:
         raise NotImplementedError
 
     def at_weight(self) -> float:
-        """Attention transfer's weight for this step: loss.at.weight, times the learning rate's share of its value at
-        the stage's start under `loss.at.schedule: lr` (the scheduler's state: a resumed stage goes on alike)."""
+        """Attention transfer's weight for this step: loss.at.weight, times the learning rate's share s of its value
+        at the stage's start under `loss.at.schedule: lr`, or 1 - s under `ramp` (the scheduler's state: a resumed
+        stage goes on alike)."""
         at = self.losses.at
-        if at.schedule != "lr":
+        if at.schedule == "constant":
             return at.weight
         group = self.parts.opt_s.param_groups[0]
-        return at.weight * group["lr"] / group.get("initial_lr", group["lr"])
+        share = group["lr"] / group.get("initial_lr", group["lr"])
+        return at.weight * (share if at.schedule == "lr" else 1.0 - share)
 
     def __call__(self, x: Any, y: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         p, w = self.parts, self.losses

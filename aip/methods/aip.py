@@ -11,15 +11,14 @@ from torch import nn
 
 from aip import checkpoint as ckpt
 from aip.accel import plain_forward, strip_autocast
-from aip.config import Config
 from aip.methods.processes import calibration, check_same_architecture, on_main
-from aip.methods.pruning import PruningRun, start_pruning, target_ratio, timing_batch
+from aip.methods.pruning import PruningRun, plan_stages, start_pruning, target_ratio, timing_batch
 from aip.methods.recovery import Stage, end_stage
 from aip.prune.capacity import LayerCapacity, estimate_capacity
 from aip.prune.importance import create_importance, prune_threshold
 from aip.prune.latency import LatencyTable, LayerCurve, layer_curves, layer_times, relative_latency
 from aip.prune.pruner import ChannelPruner
-from aip.prune.schedule import criterion_for_interval, interval_targets
+from aip.prune.schedule import criterion_for_interval
 from aip.pruned import load_pruned
 from aip.session import Outcome, Session
 
@@ -45,15 +44,6 @@ def latency_table(
         curves.update(zip(missing, on_main(session, lambda: layer_curves(pruner.model, missing, inputs)), strict=True))
     times = on_main(session, lambda: layer_times(pruner.model, layers, inputs))
     return LatencyTable(table, times, total, [curves[m] for m in layers])
-
-
-def plan_stages(cfg: Config) -> list[Stage]:
-    """Stages 1..S prune to the schedule's targets and recover; stage S+1 fine-tunes when finetune_epochs > 0."""
-    targets = interval_targets(target_ratio(cfg), cfg.prune.intervals, cfg.prune.schedule)
-    stages = [Stage(i + 1, "prune", cfg.prune.epochs_between, t) for i, t in enumerate(targets)]
-    if cfg.prune.finetune_epochs > 0:
-        stages.append(Stage(len(stages) + 1, "finetune", cfg.prune.finetune_epochs, None))
-    return stages
 
 
 def apply_capacity(session: Session, student: nn.Module, pruner: ChannelPruner) -> None:

@@ -23,6 +23,7 @@ from aip.prune.latency import measure_latency
 from aip.prune.pruner import ChannelPruner
 from aip.prune.restore import restore_pruned
 from aip.prune.rounding import device_round_to
+from aip.prune.schedule import interval_targets
 from aip.session import Outcome, RunState, Session
 
 
@@ -36,6 +37,16 @@ def target_metric(cfg: Config) -> str:
     """What the target counts: flops, params or latency (milliseconds)."""
     p = cfg.prune
     return "flops" if p.target_flops_ratio is not None else "params" if p.target_params_ratio is not None else "latency"
+
+
+def plan_stages(cfg: Config, kind: str = "prune") -> list[Stage]:
+    """Stages 1..S prune to the schedule's targets and recover (as `kind`); stage S+1 fine-tunes when
+    finetune_epochs > 0."""
+    targets = interval_targets(target_ratio(cfg), cfg.prune.intervals, cfg.prune.schedule)
+    stages = [Stage(i + 1, kind, cfg.prune.epochs_between, t) for i, t in enumerate(targets)]
+    if cfg.prune.finetune_epochs > 0:
+        stages.append(Stage(len(stages) + 1, "finetune", cfg.prune.finetune_epochs, None))
+    return stages
 
 
 def timing_batch(session: Session) -> torch.Tensor:
