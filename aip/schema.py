@@ -238,7 +238,8 @@ class SwarmConfig:
 
 @dataclass
 class AcpConfig:
-    """`mode: acp`: cluster channels, search per-group widths with a particle swarm, then recover."""
+    """`mode: acp`: cluster channels, search per-group widths with a particle swarm, then cut towards them over the
+    intervals, recovering each stage."""
 
     eps: float = option(0.1, "DBSCAN eps on correlation distance of channel responses; larger merges more channels")
     min_samples: int = option(5, "DBSCAN min_samples: channels that make a cluster")
@@ -360,7 +361,7 @@ class Config:
     """A run: what it does, with which model, data, losses and pruning."""
 
     mode: str = option(
-        "aip", "aip (prune + distill), acp (width search, then recovery), train (supervised) or eval (measure)"
+        "aip", "aip (prune + distill), acp (width search, then intervals of cuts and recovery), train or eval"
     )
     seed: int = option(0, "seeds everything; each stage and epoch re-seeds from it, which makes resume exact")
     name: str = option("run", "run name: runs/<name>-<time>; a --config file's stem unless set")
