@@ -17,6 +17,7 @@ from aip.methods.processes import check_same_architecture
 from aip.methods.pruning import PruningRun, plan_stages, start_pruning, target_ratio
 from aip.methods.recovery import Stage, end_stage
 from aip.prune.pruner import ChannelPruner
+from aip.prune.schedule import interval_targets
 from aip.search.fitness import SearchData, cut_to_widths, split_search_data
 from aip.search.widths import search_widths
 from aip.session import Outcome, Session
@@ -75,36 +76,38 @@ def widths_at(pruner: ChannelPruner, final: dict[str, int], budget: float, metri
 
 def acp_prune(run: PruningRun, stage: Stage, final_stage: int, data: SearchData) -> None:
     """Cut the student to the stage's widths on the way to the searched ones (the search runs before the first cut),
-    and log it."""
+    and log it. The intervals' cost targets follow `prune.schedule` down to the searched widths' cost, which may lie
+    under the budget (the clustering can start the swarm there)."""
     session, pruner, cfg = run.session, run.pruner, run.session.cfg
     final, search = searched_widths(run, data)
     started = time.perf_counter()
-    budget = run.base[run.metric] * stage.target
+    searched = min(pruner.width_cost().of(final, run.metric) / run.base[run.metric], target_ratio(cfg))
+    target = interval_targets(searched, final_stage, cfg.prune.schedule)[stage.index - 1]
+    budget = run.base[run.metric] * (target if stage.index < final_stage else target_ratio(cfg))
     goal = final if stage.index == final_stage else widths_at(pruner, final, budget, run.metric)
     acc = session.accelerator
     before = pruner.cost(run.metric) / run.base[run.metric]
     cut_to_widths(
         pruner, goal, cfg.prune, data.calibration, cfg.data.batch_size, acc.device, session.task, budget, run.metric
     )
-    session.state.pruning_log.append(
-        {
-            "stage": stage.index,
-            "criterion": "acp",
-            "metric": run.metric,
-            "ratio_before": before,
-            "ratio_after": pruner.cost(run.metric) / run.base[run.metric],
-            "target_ratio": stage.target,
-            **search,
-            "seconds": time.perf_counter() - started,
-            "widths": pruner.widths(),
-            "searched_widths": final,
-            "round_to": pruner.round_to,
-            "architecture_per_process": check_same_architecture(session, pruner.model, stage.index),
-        }
-    )
+    entry = {
+        "stage": stage.index,
+        "criterion": "acp",
+        "metric": run.metric,
+        "ratio_before": before,
+        "ratio_after": pruner.cost(run.metric) / run.base[run.metric],
+        "target_ratio": budget / run.base[run.metric],
+        **search,
+        "seconds": time.perf_counter() - started,
+        "widths": pruner.widths(),
+        "searched_widths": final,
+        "round_to": pruner.round_to,
+        "architecture_per_process": check_same_architecture(session, pruner.model, stage.index),
+    }
+    session.state.pruning_log.append(entry)
     session.print(
-        f"stage {stage.index}: cut (acp) {run.metric} {before:.3f} -> "
-        f"{session.state.pruning_log[-1]['ratio_after']:.3f} of the teacher (target {stage.target:.3f})"
+        f"stage {stage.index}: cut (acp) {run.metric} {before:.3f} -> {entry['ratio_after']:.3f} of the teacher "
+        f"(target {entry['target_ratio']:.3f})"
     )
 
 
