@@ -40,6 +40,7 @@ from aip.schema import LossConfig as LossConfig
 from aip.schema import ModelConfig as ModelConfig
 from aip.schema import PruneConfig as PruneConfig
 from aip.schema import SimilarityConfig as SimilarityConfig
+from aip.schema import SparsityConfig as SparsityConfig
 from aip.schema import SwarmConfig as SwarmConfig
 from aip.schema import TrainConfig as TrainConfig
 from aip.schema import WeightedLoss as WeightedLoss
@@ -242,11 +243,15 @@ def validate(cfg: Config) -> None:
             raise ConfigError("prune.target_latency_ratio: activation.mode threshold needs a FLOPs or params target")
         if cfg.loss.teacher == "assistant" and cfg.mode == "acp":
             raise ConfigError("loss.teacher: assistant is mode aip's; under mode acp set loss.teacher: original")
+        if p.sparsity.epochs > 0 and cfg.mode == "acp":
+            raise ConfigError("prune.sparsity.epochs: sparsity training is mode aip's; under mode acp set it to 0")
     if not 0.0 < cfg.prune.max_layer_ratio < 1.0:
         raise ConfigError(f"prune.max_layer_ratio: must lie in (0, 1); got {cfg.prune.max_layer_ratio}")
     _positive("prune.intervals", cfg.prune.intervals)
     _positive("prune.epochs_between", cfg.prune.epochs_between, zero_ok=True)
     _positive("prune.finetune_epochs", cfg.prune.finetune_epochs, zero_ok=True)
+    _positive("prune.sparsity.epochs", cfg.prune.sparsity.epochs, zero_ok=True)
+    _positive("prune.sparsity.weight", cfg.prune.sparsity.weight)
     _positive("prune.calibration_batches", cfg.prune.calibration_batches)
     if isinstance(cfg.prune.round_to, str) and cfg.prune.round_to != "auto":
         raise ConfigError(f"prune.round_to: a channel multiple > 0, auto or null, got {cfg.prune.round_to!r}")

@@ -181,6 +181,16 @@ class CapacityConfig:
 
 
 @dataclass
+class SparsityConfig:
+    """Sparsity training before the first prune: Torch-Pruning's group-norm regularisation (DepGraph)."""
+
+    epochs: int = option(
+        0, "mode aip: epochs of sparsity training of the unpruned student before the first prune (0: none)"
+    )
+    weight: float = option(5e-4, "the regularisation's coefficient (GroupNormPruner's reg)")
+
+
+@dataclass
 class PruneConfig:
     """Channel pruning: criterion, target, schedule and limits."""
 
@@ -215,6 +225,7 @@ class PruneConfig:
     similarity: SimilarityConfig = option(SimilarityConfig, "criterion similarity")
     activation: ActivationConfig = option(ActivationConfig, "criterion activation")
     capacity: CapacityConfig = option(CapacityConfig, "effective filter analysis: per-layer pruning limits")
+    sparsity: SparsityConfig = option(SparsityConfig, "sparsity training before the first prune")
 
 
 @dataclass

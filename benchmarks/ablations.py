@@ -63,6 +63,14 @@ VARIANTS: dict[str, tuple[str, dict]] = {
         "attention transfer's weight mirrors the learning rate (none after a prune, full at a stage's end)",
         {"loss": {"at": {"schedule": "ramp"}}},
     ),
+    "sparsity_1": (
+        "1 epoch of sparsity training (group-norm, reg 5e-4) before the first prune, 1 fine-tune epoch less",
+        {"prune": {"sparsity": {"epochs": 1, "weight": 5e-4}, "finetune_epochs": 1}},
+    ),
+    "sparsity_1_strong": (
+        "1 epoch of sparsity training (group-norm, reg 0.1) before the first prune, 1 fine-tune epoch less",
+        {"prune": {"sparsity": {"epochs": 1, "weight": 0.1}, "finetune_epochs": 1}},
+    ),
     "assistant_at_lr": (
         "teacher assistant and attention transfer following the learning rate",
         {"loss": {"teacher": "assistant", "at": {"schedule": "lr"}}},

@@ -9,6 +9,7 @@ inputs and the zero tensor. `DistillStep` is classification's; detection's is `a
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -39,6 +40,7 @@ class StepParts:
     sched: Any
     t_taps: FeatureTaps
     s_taps: FeatureTaps
+    regularize: Callable[[], None] | None = None  # adds a regulariser's gradient before the student's step
 
 
 @dataclass
@@ -120,6 +122,9 @@ class DistillStepBase:
                 loss = loss + w.adv.weight * terms["loss_adv"]
             acc.backward(loss)
             check_losses({**terms, "loss": loss}, acc)  # before the step: a NaN never reaches the weights
+            if p.regularize is not None and acc.sync_gradients:
+                acc.unscale_gradients(p.opt_s)  # under fp16 the regulariser adds to true gradients, not scaled ones
+                p.regularize()
             p.opt_s.step()
             p.sched.step()
             p.opt_s.zero_grad(set_to_none=True)

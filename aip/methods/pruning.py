@@ -40,10 +40,12 @@ def target_metric(cfg: Config) -> str:
 
 
 def plan_stages(cfg: Config, kind: str = "prune") -> list[Stage]:
-    """Stages 1..S prune to the schedule's targets and recover (as `kind`); stage S+1 fine-tunes when
-    finetune_epochs > 0."""
+    """With `prune.sparsity.epochs`, stage 1 trains the unpruned student sparse; then S stages prune to the
+    schedule's targets and recover (as `kind`); a last stage fine-tunes when finetune_epochs > 0."""
     targets = interval_targets(target_ratio(cfg), cfg.prune.intervals, cfg.prune.schedule)
-    stages = [Stage(i + 1, kind, cfg.prune.epochs_between, t) for i, t in enumerate(targets)]
+    sparse = cfg.prune.sparsity.epochs
+    stages = [Stage(1, "sparsity", sparse, None)] if sparse > 0 else []
+    stages += [Stage(len(stages) + i + 1, kind, cfg.prune.epochs_between, t) for i, t in enumerate(targets)]
     if cfg.prune.finetune_epochs > 0:
         stages.append(Stage(len(stages) + 1, "finetune", cfg.prune.finetune_epochs, None))
     return stages

@@ -19,6 +19,7 @@ from aip.distill.features import FeatureTaps
 from aip.distill.step import StepParts
 from aip.guards import NonFiniteError
 from aip.prune.pruner import ChannelPruner
+from aip.prune.sparsity import group_norm_regularizer
 from aip.session import Session
 
 
@@ -75,13 +76,16 @@ def recover(
     if restore is not None:
         session.load_state(restore)
     every = cfg.checkpoint.every_n_steps
+    regularize = None
+    if stage.kind == "sparsity":  # built before the taps hook the student: Torch-Pruning traces it
+        regularize = group_norm_regularizer(pruner, cfg.prune.sparsity.weight)
     with (
         ExitStack() as stack,
         FeatureTaps(teacher, taps) as t_taps,
         FeatureTaps(student, taps) as s_taps,
         compiled(acc.unwrap_model(student_p), cfg.train.compile),  # afresh for this stage's architecture
     ):
-        parts = StepParts(acc, teacher, student_p, disc_p, disc, opt_s, opt_d, sched, t_taps, s_taps)
+        parts = StepParts(acc, teacher, student_p, disc_p, disc, opt_s, opt_d, sched, t_taps, s_taps, regularize)
         step = stack.enter_context(session.task.distill_step(parts, losses or cfg.loss, cfg.disc.steps))
         for epoch in range(start[0], stage.epochs):
             session.seed(stage.index, epoch)
