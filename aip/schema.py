@@ -291,7 +291,8 @@ class ATLoss:
     schedule: str = option(
         "constant",
         "constant; lr: the weight follows the learning rate's schedule within each stage (full right after a "
-        "prune, fading as the student settles); ramp: its mirror (none right after a prune, full at the stage's end)",
+        "prune, fading as the student settles); ramp: its mirror (none right after a prune, full at the stage's end); "
+        "after_prune: ramp in the stages that begin with a prune, constant in the others (the fine-tune)",
     )
 
 

@@ -63,6 +63,10 @@ VARIANTS: dict[str, tuple[str, dict]] = {
         "attention transfer's weight mirrors the learning rate (none after a prune, full at a stage's end)",
         {"loss": {"at": {"schedule": "ramp"}}},
     ),
+    "at_after_prune": (
+        "attention transfer's weight ramps up in the stages that begin with a prune, constant in the fine-tune",
+        {"loss": {"at": {"schedule": "after_prune"}}},
+    ),
     "sparsity_1": (
         "1 epoch of sparsity training (group-norm, reg 5e-4) before the first prune, 1 fine-tune epoch less",
         {"prune": {"sparsity": {"epochs": 1, "weight": 5e-4}, "finetune_epochs": 1}},

@@ -72,9 +72,11 @@ def cache_key_parts(code: dict, weights: Path) -> dict:
 
 
 def expected_stages(cfg: dict) -> int:
-    if cfg["mode"] == "acp":
-        return 1
-    return cfg["prune"]["intervals"] + (1 if cfg["prune"]["finetune_epochs"] > 0 else 0)
+    """The stage rows a finished run reports: a sparsity stage, the intervals (modes aip and acp alike) and the
+    fine-tune."""
+    p = cfg["prune"]
+    sparse = 1 if p.get("sparsity", {}).get("epochs", 0) > 0 else 0
+    return sparse + p["intervals"] + (1 if p["finetune_epochs"] > 0 else 0)
 
 
 def complete(run_dir: Path, key: str, cfg: dict) -> dict | None:

@@ -41,3 +41,11 @@ def test_the_cache_key_names_the_torch_torchvision_and_torch_pruning_versions(
         upgraded = quality.cache_key_parts(code, weights)
         assert upgraded["libraries"][name] != parts["libraries"][name], name
         assert upgraded != parts and upgraded["code"] == parts["code"], name
+
+
+def test_a_finished_run_counts_its_sparsity_stage_and_acp_its_intervals(quality) -> None:
+    assert quality.expected_stages({"mode": "aip", "prune": {"intervals": 2, "finetune_epochs": 2}}) == 3
+    assert quality.expected_stages({"mode": "acp", "prune": {"intervals": 2, "finetune_epochs": 2}}) == 3
+    sparse = {"mode": "aip", "prune": {"intervals": 2, "finetune_epochs": 1, "sparsity": {"epochs": 1}}}
+    assert quality.expected_stages(sparse) == 4
+    assert quality.expected_stages({"mode": "aip", "prune": {"intervals": 3, "finetune_epochs": 0}}) == 3

@@ -1,4 +1,4 @@
-"""Who teaches each stage and how hard: `loss.teacher: assistant` and `loss.at.schedule: lr | ramp`."""
+"""Who teaches each stage and how hard: `loss.teacher: assistant` and `loss.at.schedule: lr | ramp | after_prune`."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ import aip.methods.pruning as pruning
 from aip import checkpoint as ckpt
 from aip.config import ATLoss, LossConfig
 from aip.distill.step import DistillStep, StepParts
+from aip.methods.recovery import Stage, stage_losses
 from aip.train import main
 from tests.conftest import exported_outputs, tiny_run
 
@@ -109,3 +110,14 @@ def test_the_attention_weight_follows_the_learning_rate_under_schedule_lr_and_mi
     sched.step()  # half way through the stage: cosine at 1/2 of its start
     assert constant.at_weight() == 1000.0
     assert follows.at_weight() == pytest.approx(500.0) and ramp.at_weight() == pytest.approx(500.0)
+
+
+def test_after_prune_ramps_attention_in_the_stages_that_prune_and_holds_it_in_the_fine_tune() -> None:
+    losses = LossConfig(at=ATLoss(weight=1000.0, schedule="after_prune"))
+    prune, finetune = Stage(1, "prune", 1, 0.7), Stage(3, "finetune", 1, None)
+    assert stage_losses(losses, prune).at == ATLoss(weight=1000.0, schedule="ramp")
+    assert stage_losses(losses, finetune).at == ATLoss(weight=1000.0, schedule="constant")
+    assert losses.at.schedule == "after_prune"  # the run's own config is left alone
+    for schedule in ("constant", "lr", "ramp"):  # the others hold in every stage
+        fixed = LossConfig(at=ATLoss(weight=1000.0, schedule=schedule))
+        assert stage_losses(fixed, prune) is fixed and stage_losses(fixed, finetune) is fixed

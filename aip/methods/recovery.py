@@ -3,6 +3,7 @@ recovery curve and the stage's end (evaluate, table row, checkpoint). Shared by 
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -31,6 +32,15 @@ class Stage:
     kind: str  # "prune", "finetune" or "acp"
     epochs: int
     target: float | None
+
+
+def stage_losses(losses: LossConfig, stage: Stage) -> LossConfig:
+    """The stage's losses: `loss.at.schedule: after_prune` ramps attention transfer in a stage that begins with a
+    prune (the student first recovers from the cut on the other terms) and holds it constant in the others."""
+    if losses.at.schedule != "after_prune":
+        return losses
+    schedule = "ramp" if stage.target is not None else "constant"
+    return dataclasses.replace(losses, at=dataclasses.replace(losses.at, schedule=schedule))
 
 
 def stage_optimizers(session: Session, student: nn.Module, disc: nn.Module, epochs: int) -> list[Any]:
@@ -86,7 +96,9 @@ def recover(
         compiled(acc.unwrap_model(student_p), cfg.train.compile),  # afresh for this stage's architecture
     ):
         parts = StepParts(acc, teacher, student_p, disc_p, disc, opt_s, opt_d, sched, t_taps, s_taps, regularize)
-        step = stack.enter_context(session.task.distill_step(parts, losses or cfg.loss, cfg.disc.steps))
+        step = stack.enter_context(
+            session.task.distill_step(parts, stage_losses(losses or cfg.loss, stage), cfg.disc.steps)
+        )
         for epoch in range(start[0], stage.epochs):
             session.seed(stage.index, epoch)
             student_p.train()
