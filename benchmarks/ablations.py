@@ -33,6 +33,7 @@ from quality import (
     run_arm,
 )
 from quality import arm_config as quality_arm
+from quality_peers import peer_args, run_peer, write_subset
 from quality_report import describe, fmt, paired
 
 # On top of d_aip (ce 0.7, kd 0.3 at T=4, at 1000 at layer1-3, adv 1.0; D on the taps' pooled attention maps,
@@ -89,12 +90,13 @@ def markdown(out: dict) -> list[str]:
         "",
         f"Command: `{out['command']}`; {out['machine']}; code aip/ tree {out['code']['aip_tree'][:10]} "
         f"(commit {out['code']['commit'][:10]}). Settings as benchmarks/quality.py's default run; seeds "
-        f"{out['seeds']}. A win/loss: a two-sided paired t-test against d_aip gives p < 0.05.",
+        f"{out['seeds']}. A win/loss: a two-sided paired t-test against d_aip gives p < 0.05; the last column pairs "
+        "each variant with the Torch-Pruning + KD peer (p_tp_kd, cached runs of benchmarks/quality.py) the same way.",
         "",
-        "| variant | change | top-1 mean | std | per seed | vs d_aip: mean | std | SE | p | call |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| variant | change | top-1 mean | std | per seed | vs d_aip: mean | std | SE | p | call | vs p_tp_kd |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
         f"| d_aip | (baseline) | {describe(base)['mean']:.2f} | {fmt(describe(base)['std'])} "
-        f"| {', '.join(f'{v:.2f}' for v in base)} | - | - | - | - | - |",
+        f"| {', '.join(f'{v:.2f}' for v in base)} | - | - | - | - | - | {vs_peer(base, out.get('peer'))} |",
     ]
     for name, v in out["variants"].items():
         d, p = describe(v["top1"]), v["vs_d_aip"]
@@ -102,9 +104,34 @@ def markdown(out: dict) -> list[str]:
         lines.append(
             f"| {name} | {v['change']} | {d['mean']:.2f} | {fmt(d['std'])} | {per_seed} "
             f"| {fmt(p['mean'], True)} | {fmt(p['std'])} | {fmt(p['se'])} "
-            f"| {'-' if p.get('p') is None else format(p['p'], '.3f')} | {p['call']} |"
+            f"| {'-' if p.get('p') is None else format(p['p'], '.3f')} | {p['call']} "
+            f"| {vs_peer(v['top1'], out.get('peer'))} |"
         )
     return lines
+
+
+def vs_peer(values: list[float], peer: list[float] | None) -> str:
+    """The paired difference to the peer over the same seeds, with its t-test's p and call; '-' without the peer."""
+    if not peer or len(peer) != len(values):
+        return "-"
+    p = paired(values, peer)
+    return f"{fmt(p['mean'], True)} (p {'-' if p.get('p') is None else format(p['p'], '.3f')}) {p['call']}"
+
+
+def peer_top1(args: argparse.Namespace, s: dict, data: Path, weights: Path, key_parts: dict) -> list[float] | None:
+    """p_tp_kd's top-1 per seed at this target, from the quality benchmark's cache (never run here); None when a
+    seed is missing."""
+    work = Path(args.work)
+    subset = write_subset(data, s["subset"], work)
+    found = []
+    for seed in range(args.seeds):
+        pa = peer_args("p_tp_kd", args.model, s, float(args.target), seed)
+        label = f"{args.model}-p_tp_kd-t{args.target}-s{seed}"
+        done = run_peer(pa, weights, data, subset, key_parts, work, label, dry=True)
+        if done is None:
+            return None
+        found.append(done["top1"])
+    return found
 
 
 def main() -> None:
@@ -149,6 +176,7 @@ def main() -> None:
         "target": args.target,
         "seeds": seeds,
         "baseline": baseline,
+        "peer": peer_top1(args, s, data, weights, key_parts),
         "variants": {},
         "code": code,
         "machine": f"{sys.platform} CPU, {torch.get_num_threads()} torch threads",
