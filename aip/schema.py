@@ -288,8 +288,10 @@ class ATLoss:
     # The paper's beta of 1000 fits this loss's per-position mean: with weight 1 the term measured ~7e-4 on the debug
     # run against ~0.1 for CE, i.e. it did nothing.
     weight: float = option(1000.0, "weight of the term in the student's loss (the paper's beta; 0: off)")
+    # after_prune: +1.89 over constant at 30% FLOPs (a paired win), level at 50%, in the quality benchmark's ablations
+    # (benchmarks/results/ablations-t0.*-after-prune.md): full weight right after a cut slows the recovery from it.
     schedule: str = option(
-        "constant",
+        "after_prune",
         "constant; lr: the weight follows the learning rate's schedule within each stage (full right after a "
         "prune, fading as the student settles); ramp: its mirror (none right after a prune, full at the stage's end); "
         "after_prune: ramp in the stages that begin with a prune, constant in the others (the fine-tune)",

@@ -99,7 +99,7 @@ def test_the_attention_weight_follows_the_learning_rate_under_schedule_lr_and_mi
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=4)
     parts = StepParts(None, model, model, model, model, opt, opt, sched, None, None)  # type: ignore[arg-type]
-    constant = DistillStep(parts, LossConfig(at=ATLoss(weight=1000.0)))
+    constant = DistillStep(parts, LossConfig(at=ATLoss(weight=1000.0, schedule="constant")))
     follows = DistillStep(parts, LossConfig(at=ATLoss(weight=1000.0, schedule="lr")))
     ramp = DistillStep(parts, LossConfig(at=ATLoss(weight=1000.0, schedule="ramp")))
     assert constant.at_weight() == follows.at_weight() == 1000.0 and ramp.at_weight() == 0.0
