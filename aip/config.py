@@ -210,6 +210,11 @@ def validate(cfg: Config) -> None:
     _choice("disc.input", cfg.disc.input, DISC_INPUTS)
     _choice("loss.teacher", cfg.loss.teacher, TEACHERS)
     _choice("loss.at.schedule", cfg.loss.at.schedule, AT_SCHEDULES)
+    if cfg.loss.at.schedule in ("ramp", "after_prune") and cfg.train.scheduler == "constant":
+        raise ConfigError(
+            f"loss.at.schedule: {cfg.loss.at.schedule} ramps attention transfer as the learning rate falls, which "
+            "train.scheduler constant never does (it would stay off); use cosine or step, or loss.at.schedule constant"
+        )
     for i, fmt in enumerate(cfg.export.formats):
         _choice(f"export.formats[{i}]", fmt, EXPORT_FORMATS)
     if len(set(cfg.export.formats)) < len(cfg.export.formats):

@@ -289,8 +289,8 @@ class ATLoss:
     # run against ~0.1 for CE, i.e. it did nothing.
     weight: float = option(1000.0, "weight of the term in the student's loss (the paper's beta; 0: off)")
     # after_prune: +1.89 over constant at 30% FLOPs (a paired win), level at 50%, in the quality benchmark's ablations
-    # (benchmarks/results/ablations-t0.*-after-prune.md); not the default yet: on the tiny synthetic run of the tests
-    # (lr 0.05, 8 steps an epoch) its fine-tune at full weight loses 25 points that constant's gains.
+    # (benchmarks/results/ablations-t0.*-after-prune.md); not the default yet: as the default, the tiny synthetic run
+    # of tests/test_run.py ends under that test's bar (its fine-tune at full weight loses what constant's gains).
     schedule: str = option(
         "constant",
         "constant; lr: the weight follows the learning rate's schedule within each stage (full right after a "

@@ -121,3 +121,12 @@ def test_after_prune_ramps_attention_in_the_stages_that_prune_and_holds_it_in_th
     for schedule in ("constant", "lr", "ramp"):  # the others hold in every stage
         fixed = LossConfig(at=ATLoss(weight=1000.0, schedule=schedule))
         assert stage_losses(fixed, prune) is fixed and stage_losses(fixed, finetune) is fixed
+
+
+def test_a_ramped_attention_weight_under_a_constant_learning_rate_is_refused_in_one_line() -> None:
+    from aip.config import ConfigError, config_from_dict
+
+    for schedule in ("ramp", "after_prune"):
+        with pytest.raises(ConfigError, match=f"loss.at.schedule: {schedule} ramps .* train.scheduler constant"):
+            config_from_dict(tiny_run(**{"loss.at.schedule": schedule, "train.scheduler": "constant"}))
+    config_from_dict(tiny_run(**{"loss.at.schedule": "lr", "train.scheduler": "constant"}))  # a constant weight

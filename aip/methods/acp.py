@@ -74,7 +74,7 @@ def widths_at(pruner: ChannelPruner, final: dict[str, int], budget: float, metri
     return at(high)
 
 
-def acp_prune(run: PruningRun, stage: Stage, final_stage: int, data: SearchData) -> None:
+def acp_prune(run: PruningRun, stage: Stage, data: SearchData) -> None:
     """Cut the student to the stage's widths on the way to the searched ones (the search runs before the first cut),
     and log it. The intervals' cost targets follow `prune.schedule` down to the searched widths' cost, which may lie
     under the budget (the clustering can start the swarm there)."""
@@ -82,9 +82,10 @@ def acp_prune(run: PruningRun, stage: Stage, final_stage: int, data: SearchData)
     final, search = searched_widths(run, data)
     started = time.perf_counter()
     searched = min(pruner.width_cost().of(final, run.metric) / run.base[run.metric], target_ratio(cfg))
-    target = interval_targets(searched, final_stage, cfg.prune.schedule)[stage.index - 1]
-    budget = run.base[run.metric] * (target if stage.index < final_stage else target_ratio(cfg))
-    goal = final if stage.index == final_stage else widths_at(pruner, final, budget, run.metric)
+    last = stage.interval == cfg.prune.intervals
+    target = interval_targets(searched, cfg.prune.intervals, cfg.prune.schedule)[stage.interval - 1]
+    budget = run.base[run.metric] * (target_ratio(cfg) if last else target)
+    goal = final if last else widths_at(pruner, final, budget, run.metric)
     acc = session.accelerator
     before = pruner.cost(run.metric) / run.base[run.metric]
     cut_to_widths(
@@ -119,7 +120,6 @@ def run_acp(session: Session, resume: Path | None = None, branch: Path | None = 
         raise ConfigError("--from-stage branches an AIP run; mode acp searches its structure from the teacher")
     run = start_pruning(session, resume)
     stages = plan_stages(session.cfg, kind="acp")
-    final_stage = max(s.index for s in stages if s.target is not None)
     plain = LossConfig(ce=WeightedLoss(1.0), kd=KDLoss(weight=0.0), at=ATLoss(weight=0.0), adv=WeightedLoss(0.0))
     losses = plain if session.cfg.acp.final == "finetune" else None
     run.begin(stages)
@@ -131,7 +131,7 @@ def run_acp(session: Session, resume: Path | None = None, branch: Path | None = 
         run.student = session.accelerator.unwrap_model(run.student)
         if stage.target is not None and not run.resuming_in(stage):
             data = data or search_data(session)
-            acp_prune(run, stage, final_stage, data)
+            acp_prune(run, stage, data)
         prepared = run.recover(stage, losses=losses)
         end_stage(session, stage, prepared, run.val, run.base, run.pruner)
     return run.finish()

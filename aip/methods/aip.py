@@ -90,8 +90,7 @@ def prune_stage(
 
         pricer = lambda _: latency_table(session, pruner, curves, measured[-1])  # noqa: E731
     reached = (1.0 - (measure or (lambda: pruner.cost(metric)))() / base[metric]) / (1.0 - target_ratio(cfg))
-    interval = stage.index - (1 if cfg.prune.sparsity.epochs > 0 else 0)  # stage 1 may train sparse, unpruned
-    criterion = criterion_for_interval(cfg.prune, interval, reached)
+    criterion = criterion_for_interval(cfg.prune, stage.interval or stage.index, reached)
     importance = create_importance(criterion, cfg.prune)
     calibrate = calibration(session, stage.index)
     threshold = prune_threshold(importance)  # a criterion that removes what falls under a fixed level

@@ -45,7 +45,7 @@ def plan_stages(cfg: Config, kind: str = "prune") -> list[Stage]:
     targets = interval_targets(target_ratio(cfg), cfg.prune.intervals, cfg.prune.schedule)
     sparse = cfg.prune.sparsity.epochs
     stages = [Stage(1, "sparsity", sparse, None)] if sparse > 0 else []
-    stages += [Stage(len(stages) + i + 1, kind, cfg.prune.epochs_between, t) for i, t in enumerate(targets)]
+    stages += [Stage(len(stages) + i + 1, kind, cfg.prune.epochs_between, t, i + 1) for i, t in enumerate(targets)]
     if cfg.prune.finetune_epochs > 0:
         stages.append(Stage(len(stages) + 1, "finetune", cfg.prune.finetune_epochs, None))
     return stages

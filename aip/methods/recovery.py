@@ -32,6 +32,7 @@ class Stage:
     kind: str  # "prune", "finetune" or "acp"
     epochs: int
     target: float | None
+    interval: int | None = None  # which pruning interval (1-based) a stage that prunes is
 
 
 def stage_losses(losses: LossConfig, stage: Stage) -> LossConfig:
