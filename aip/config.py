@@ -54,7 +54,7 @@ PRUNE_SCHEDULES = ("geometric", "linear")
 KD_KINDS = ("kl", "mse")
 DISC_INPUTS = ("logits", "softmax", "attention")
 TEACHERS = ("original", "assistant")
-AT_SCHEDULES = ("constant", "lr", "ramp", "after_prune")
+AT_SCHEDULES = ("constant", "lr", "ramp", "warmup", "after_prune")
 SIMILARITY_SOURCES = ("weights", "features")
 CAPACITY_MODES = ("cap", "hierarchical")
 ACTIVATION_MODES = ("fraction", "threshold")
@@ -210,7 +210,7 @@ def validate(cfg: Config) -> None:
     _choice("disc.input", cfg.disc.input, DISC_INPUTS)
     _choice("loss.teacher", cfg.loss.teacher, TEACHERS)
     _choice("loss.at.schedule", cfg.loss.at.schedule, AT_SCHEDULES)
-    if cfg.loss.at.schedule in ("ramp", "after_prune") and cfg.train.scheduler == "constant":
+    if cfg.loss.at.schedule in ("ramp", "warmup", "after_prune") and cfg.train.scheduler == "constant":
         raise ConfigError(
             f"loss.at.schedule: {cfg.loss.at.schedule} ramps attention transfer as the learning rate falls, which "
             "train.scheduler constant never does (it would stay off); use cosine or step, or loss.at.schedule constant"

@@ -1,4 +1,5 @@
-"""Who teaches each stage and how hard: `loss.teacher: assistant` and `loss.at.schedule: lr | ramp | after_prune`."""
+"""Who teaches each stage and how hard: `loss.teacher: assistant` and `loss.at.schedule: lr | ramp | warmup |
+after_prune`."""
 
 from __future__ import annotations
 
@@ -94,7 +95,7 @@ def test_an_assistant_teaches_each_stage_after_the_first_and_a_resume_inside_a_s
     assert "needs the teacher assistant of stage 1" in capsys.readouterr().err
 
 
-def test_the_attention_weight_follows_the_learning_rate_under_schedule_lr_and_mirrors_it_under_ramp() -> None:
+def test_the_attention_weight_follows_the_learning_rate_under_lr_mirrors_it_under_ramp_and_warms_up() -> None:
     model = nn.Linear(2, 2)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=4)
@@ -102,23 +103,29 @@ def test_the_attention_weight_follows_the_learning_rate_under_schedule_lr_and_mi
     constant = DistillStep(parts, LossConfig(at=ATLoss(weight=1000.0, schedule="constant")))
     follows = DistillStep(parts, LossConfig(at=ATLoss(weight=1000.0, schedule="lr")))
     ramp = DistillStep(parts, LossConfig(at=ATLoss(weight=1000.0, schedule="ramp")))
-    assert constant.at_weight() == follows.at_weight() == 1000.0 and ramp.at_weight() == 0.0
+    warmup = DistillStep(parts, LossConfig(at=ATLoss(weight=1000.0, schedule="warmup")))
+    assert constant.at_weight() == follows.at_weight() == 1000.0 and ramp.at_weight() == warmup.at_weight() == 0.0
     opt.step()
     sched.step()  # a quarter of the way: cosine at (1 + cos(pi/4)) / 2 of its start
     assert follows.at_weight() == pytest.approx(500.0 * (1 + 2**-0.5))
     assert ramp.at_weight() == pytest.approx(1000.0 - 500.0 * (1 + 2**-0.5))
+    assert warmup.at_weight() == pytest.approx(2 * ramp.at_weight())
     sched.step()  # half way through the stage: cosine at 1/2 of its start
     assert constant.at_weight() == 1000.0
     assert follows.at_weight() == pytest.approx(500.0) and ramp.at_weight() == pytest.approx(500.0)
+    assert warmup.at_weight() == pytest.approx(1000.0)
+    sched.step()  # past half way warmup holds the full weight
+    assert warmup.at_weight() == 1000.0 and ramp.at_weight() < 1000.0
 
 
-def test_after_prune_ramps_attention_in_the_stages_that_prune_and_holds_it_in_the_fine_tune() -> None:
+def test_after_prune_ramps_attention_in_the_stages_that_prune_and_warms_it_up_in_the_fine_tune() -> None:
+    assert LossConfig().at.schedule == "after_prune"  # the default
     losses = LossConfig(at=ATLoss(weight=1000.0, schedule="after_prune"))
     prune, finetune = Stage(1, "prune", 1, 0.7), Stage(3, "finetune", 1, None)
     assert stage_losses(losses, prune).at == ATLoss(weight=1000.0, schedule="ramp")
-    assert stage_losses(losses, finetune).at == ATLoss(weight=1000.0, schedule="constant")
+    assert stage_losses(losses, finetune).at == ATLoss(weight=1000.0, schedule="warmup")
     assert losses.at.schedule == "after_prune"  # the run's own config is left alone
-    for schedule in ("constant", "lr", "ramp"):  # the others hold in every stage
+    for schedule in ("constant", "lr", "ramp", "warmup"):  # the others hold in every stage
         fixed = LossConfig(at=ATLoss(weight=1000.0, schedule=schedule))
         assert stage_losses(fixed, prune) is fixed and stage_losses(fixed, finetune) is fixed
 
@@ -126,7 +133,7 @@ def test_after_prune_ramps_attention_in_the_stages_that_prune_and_holds_it_in_th
 def test_a_ramped_attention_weight_under_a_constant_learning_rate_is_refused_in_one_line() -> None:
     from aip.config import ConfigError, config_from_dict
 
-    for schedule in ("ramp", "after_prune"):
+    for schedule in ("ramp", "warmup", "after_prune"):
         with pytest.raises(ConfigError, match=f"loss.at.schedule: {schedule} ramps .* train.scheduler constant"):
             config_from_dict(tiny_run(**{"loss.at.schedule": schedule, "train.scheduler": "constant"}))
     config_from_dict(tiny_run(**{"loss.at.schedule": "lr", "train.scheduler": "constant"}))  # a constant weight

@@ -87,14 +87,18 @@ class DistillStepBase:
 
     def at_weight(self) -> float:
         """Attention transfer's weight for this step: loss.at.weight, times the learning rate's share s of its value
-        at the stage's start under `loss.at.schedule: lr`, or 1 - s under `ramp` (the scheduler's state: a resumed
-        stage goes on alike)."""
+        at the stage's start under `loss.at.schedule: lr`, 1 - s under `ramp`, or min(1, 2(1 - s)) under `warmup`
+        (the scheduler's state: a resumed stage goes on alike)."""
         at = self.losses.at
         if at.schedule == "constant":
             return at.weight
         group = self.parts.opt_s.param_groups[0]
         share = group["lr"] / group.get("initial_lr", group["lr"])
-        return at.weight * (share if at.schedule == "lr" else 1.0 - share)
+        if at.schedule == "lr":
+            return at.weight * share
+        if at.schedule == "warmup":
+            return at.weight * min(1.0, 2.0 * (1.0 - share))
+        return at.weight * (1.0 - share)
 
     def __call__(self, x: Any, y: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         p, w = self.parts, self.losses

@@ -36,11 +36,12 @@ class Stage:
 
 
 def stage_losses(losses: LossConfig, stage: Stage) -> LossConfig:
-    """The stage's losses: `loss.at.schedule: after_prune` ramps attention transfer in a stage that begins with a
-    prune (the student first recovers from the cut on the other terms) and holds it constant in the others."""
+    """The stage's losses: `loss.at.schedule: after_prune` ramps attention transfer over a stage that begins with a
+    prune (the student first recovers from the cut on the other terms) and warms it up over the first half of the
+    others (no full weight at the learning rate's restart)."""
     if losses.at.schedule != "after_prune":
         return losses
-    schedule = "ramp" if stage.target is not None else "constant"
+    schedule = "ramp" if stage.target is not None else "warmup"
     return dataclasses.replace(losses, at=dataclasses.replace(losses.at, schedule=schedule))
 
 
