@@ -36,8 +36,9 @@ from quality import arm_config as quality_arm
 from quality_peers import peer_args, run_peer, write_subset
 from quality_report import describe, fmt, paired
 
-# On top of d_aip (ce 0.7, kd 0.3 at T=4, at 1000 at layer1-3, adv 1.0; D on the taps' pooled attention maps,
-# [128, 256, 128], Adam 1e-4; 1 discriminator update per student update; recovery SGD lr 0.01, cosine per stage).
+# On top of d_aip (ce 0.7, kd 0.3 at T=4, at 1000 at layer1-3 under schedule after_prune, adv 1.0; D on the taps'
+# pooled attention maps, [128, 256, 128], Adam 1e-4; 1 discriminator update per student update; recovery SGD lr
+# 0.01, cosine per stage).
 # The variants skip the per-epoch evaluations of the recovery curve, which only observe (tests/test_curves.py: the
 # stage rows are identical without them); about a third of a variant's time on ResNet-20.
 QUIET = {"train": {"eval_each_epoch": False}}
@@ -64,9 +65,9 @@ VARIANTS: dict[str, tuple[str, dict]] = {
         "attention transfer's weight mirrors the learning rate (none after a prune, full at a stage's end)",
         {"loss": {"at": {"schedule": "ramp"}}},
     ),
-    "at_after_prune": (
-        "attention transfer's weight ramps up in the stages that begin with a prune, constant in the fine-tune",
-        {"loss": {"at": {"schedule": "after_prune"}}},
+    "at_constant": (
+        "attention transfer's weight constant in every stage (no ramp after a prune, no warm-up in the fine-tune)",
+        {"loss": {"at": {"schedule": "constant"}}},
     ),
     "sparsity_1": (
         "1 epoch of sparsity training (group-norm, reg 5e-4) before the first prune, 1 fine-tune epoch less",
