@@ -35,6 +35,7 @@ from quality import (
 from quality import arm_config as quality_arm
 from quality_peers import peer_args, run_peer, write_subset
 from quality_report import describe, fmt, paired
+from quality_runs import LEDGER
 
 # On top of d_aip (ce 0.7, kd 0.3 at T=4, at 1000 at layer1-3 under schedule after_prune, adv 1.0; D on the taps'
 # pooled attention maps, [128, 256, 128], Adam 1e-4; 1 discriminator update per student update; recovery SGD lr
@@ -128,7 +129,7 @@ def peer_top1(args: argparse.Namespace, s: dict, data: Path, weights: Path, key_
     for seed in range(args.seeds):
         pa = peer_args("p_tp_kd", args.model, s, float(args.target), seed)
         label = f"{args.model}-p_tp_kd-t{args.target}-s{seed}"
-        done = run_peer(pa, weights, data, subset, key_parts, work, label, dry=True)
+        done = run_peer(pa, weights, data, subset, key_parts, work, label, dry=True, ledger=LEDGER)
         if done is None:
             return None
         found.append(done["top1"])
@@ -160,7 +161,7 @@ def main() -> None:
     import torch
 
     def top1(cfg: dict, label: str) -> float:
-        done = run_arm(cfg, key_parts, work, label)
+        done = run_arm(cfg, key_parts, work, label, ledger=LEDGER)
         print(f"{label}: top-1 {done['report']['stages'][-1]['top1']:.2f}", flush=True)
         return done["report"]["stages"][-1]["top1"]
 

@@ -42,6 +42,8 @@ that leave aip/ alone keep the cache) and the installed torch, torchvision and t
 of any of them runs everything again). A run is reused
 only when its key matches and its report.json is complete; a directory of the same key without a complete report
 is resumed (`--resume auto`), anything else is a new directory, so no number from other code or settings is reused.
+Each finished run is also recorded in benchmarks/results/ledger/ (its report and our record, a few kB, committed), so
+a sitting longer than one machine's life goes on from a clean clone: a record is reused under the same key only.
 """
 
 from __future__ import annotations
@@ -59,6 +61,7 @@ from quality_peers import PEERS, peer_args, peer_row, run_peer, write_subset
 from quality_peers import SCRIPT as SCRIPT_PATH
 from quality_report import describe, markdown, paired, plot, plot_curves
 from quality_runs import (
+    LEDGER,
     REPO,
     SHARED,
     aip_row,
@@ -214,6 +217,11 @@ def main() -> None:
     parser.add_argument("--weights", default=str(SHARED / "weights"), help="folder of the published teachers")
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
     parser.add_argument("--work", default=str(REPO / "benchmarks" / ".cache" / "quality"), help="run directories")
+    parser.add_argument(
+        "--ledger",
+        help="folder of finished runs' records, reused under the same key (default benchmarks/results/ledger;"
+        " none with --quick)",
+    )
     parser.add_argument("--subset", type=int, help="training images (default 6000; another budget: quality-s<N>.*)")
     parser.add_argument("--arms", nargs="+", choices=ALL_ARMS, help="these arms only (the report is *-partial)")
     parser.add_argument(
@@ -252,6 +260,7 @@ def main() -> None:
     s["acp_search_steps"] = a["particles"] * a["iterations"] * a["recovery_steps"]  # besides the recovery
     tag = "quick" if args.quick else "full"
     work = Path(args.work)
+    ledger = Path(args.ledger) if args.ledger else (None if args.quick else LEDGER)
     sys.path.insert(0, str(REPO))
     os.chdir(REPO)
     import torch
@@ -270,11 +279,11 @@ def main() -> None:
                     continue
                 if arm in PEERS:
                     pa = peer_args(arm, args.model, s, float(target), seed)
-                    done = run_peer(pa, weights, data, subset_file, key_parts, work, label, dry=args.no_run)
+                    done = run_peer(pa, weights, data, subset_file, key_parts, work, label, args.no_run, ledger)
                     row = None if done is None else peer_row(done)
                 else:
                     cfg = arm_config(arm, model, weights, data, s, float(target), seed)
-                    done = run_arm(cfg, key_parts, work, label, dry=args.no_run)
+                    done = run_arm(cfg, key_parts, work, label, dry=args.no_run, ledger=ledger)
                     row = None if done is None else aip_row(done)
                 if row is None:
                     missing.append(label)

@@ -10,6 +10,8 @@ import sys
 import time
 from pathlib import Path
 
+from quality_runs import read_ledger, write_ledger
+
 SCRIPT = Path(__file__).resolve().parent / "peers" / "torch_pruning_kd.py"
 # The peer arms: name -> the script's --loss.
 PEERS = {"p_tp_ce": "ce", "p_tp_kd": "kd"}
@@ -50,11 +52,20 @@ def peer_args(peer: str, model: str, s: dict, target: float, seed: int) -> dict:
 
 
 def run_peer(
-    args: dict, weights: Path, data: Path, subset: Path, key_parts: dict, work: Path, label: str, dry: bool = False
+    args: dict,
+    weights: Path,
+    data: Path,
+    subset: Path,
+    key_parts: dict,
+    work: Path,
+    label: str,
+    dry: bool = False,
+    ledger: Path | None = None,
 ) -> dict | None:
-    """Run the peer script once in its own process (reused when a result of the same key exists): its result dict
-    with the key, wall time and whether it was cached. The key holds the script's text, its settings, the teacher
-    file, the subset's files and the library versions (aip's code is not in it: the peer uses none of it)."""
+    """Run the peer script once in its own process (reused when a result of the same key exists in `work` or the
+    `ledger`): its result dict with the key, wall time and whether it was cached. The key holds the script's text,
+    its settings, the teacher file, the subset's files and the library versions (aip's code is not in it: the peer
+    uses none of it)."""
     key_src = {
         "script_sha256": hashlib.sha256(SCRIPT.read_bytes()).hexdigest(),
         "args": args,
@@ -68,9 +79,15 @@ def run_peer(
         done = json.loads(path.read_text())
         if done.get("key") == key:
             print(f"{label}: cached in {path}", flush=True)
+            if read_ledger(label, key, ledger) is None:
+                write_ledger(label, done, ledger)
             return {**done, "cached": True}
     except (OSError, ValueError):
         pass
+    recorded = read_ledger(label, key, ledger)
+    if recorded is not None:
+        print(f"{label}: recorded in {ledger}", flush=True)
+        return {**recorded, "cached": True}
     if dry:
         return None
     work.mkdir(parents=True, exist_ok=True)
@@ -85,6 +102,7 @@ def run_peer(
     result = {**json.loads(tmp.read_text()), "key": key, "wall_seconds": time.perf_counter() - start}
     path.write_text(json.dumps(result, indent=1))
     tmp.unlink()
+    write_ledger(label, result, ledger)
     return {**result, "cached": False}
 
 

@@ -16,6 +16,9 @@ from quality_report import curve_points
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED = REPO.parent / "shared"
+# Finished runs, one small JSON file each (the report and our record, no checkpoints), committed: a sitting longer
+# than one machine's life goes on from a clean clone, and a row is reused only under its exact key.
+LEDGER = REPO / "benchmarks" / "results" / "ledger"
 # The libraries whose version changes the numbers (kernels, pruning, transforms): part of every cache key.
 LIBRARIES = ("torch", "torchvision", "torch-pruning")
 
@@ -91,19 +94,55 @@ def complete(run_dir: Path, key: str, cfg: dict) -> dict | None:
     return {"report": report, **meta}
 
 
-def run_arm(cfg: dict, key_parts: dict, work: Path, label: str, dry: bool = False) -> dict | None:
-    """Run one arm in work/<label>-<key> (reused when complete with the same key); its report and wall time.
-    `dry`: only a complete cached run, else None."""
+def arm_key(cfg: dict, key_parts: dict) -> str:
+    """The hash that names an aip arm's run: its resolved config and the key parts (code, teacher, libraries)."""
+    return hashlib.sha256(json.dumps({**key_parts, "config": cfg}, sort_keys=True).encode()).hexdigest()
+
+
+def read_ledger(label: str, key: str, ledger: Path | None) -> dict | None:
+    """The ledger's record of this label and key, or None (no ledger, no record, or one of another key)."""
+    if ledger is None:
+        return None
+    try:
+        done = json.loads((ledger / f"{label}-{key[:16]}.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return done if done.get("key") == key else None
+
+
+def write_ledger(label: str, done: dict, ledger: Path | None) -> None:
+    """Record a finished run in the ledger (its report or result and our record; paths relative to the repo)."""
+    if ledger is None:
+        return
+    ledger.mkdir(parents=True, exist_ok=True)
+    record = {k: v for k, v in done.items() if k != "cached"}
+    if "run_dir" in record:
+        record["run_dir"] = portable(record["run_dir"])
+    (ledger / f"{label}-{done['key'][:16]}.json").write_text(json.dumps(record, separators=(",", ":")) + "\n")
+
+
+def run_arm(
+    cfg: dict, key_parts: dict, work: Path, label: str, dry: bool = False, ledger: Path | None = None
+) -> dict | None:
+    """Run one arm in work/<label>-<key> (reused when complete with the same key, or when `ledger` records it); its
+    report and wall time. `dry`: only a complete cached or recorded run, else None."""
     import yaml
 
     from aip.train import main as train_main
 
-    key = hashlib.sha256(json.dumps({**key_parts, "config": cfg}, sort_keys=True).encode()).hexdigest()
+    key = arm_key(cfg, key_parts)
     run_dir = work / f"{label}-{key[:16]}"
     done = complete(run_dir, key, cfg)
     if done is not None:
         print(f"{label}: cached in {run_dir}", flush=True)
-        return {**done, "cached": True, "run_dir": str(run_dir)}
+        done = {**done, "cached": True, "run_dir": str(run_dir)}
+        if read_ledger(label, key, ledger) is None:
+            write_ledger(label, done, ledger)
+        return done
+    recorded = read_ledger(label, key, ledger)
+    if recorded is not None and len(recorded["report"].get("stages", [])) == expected_stages(cfg):
+        print(f"{label}: recorded in {ledger}", flush=True)
+        return {**recorded, "cached": True}
     if dry:
         return None
     # The run directory holds only the run (aip refuses foreign files there); our records lie beside it.
@@ -131,7 +170,9 @@ def run_arm(cfg: dict, key_parts: dict, work: Path, label: str, dry: bool = Fals
     done = complete(run_dir, key, cfg)
     if done is None:
         fail(f"the run {label} ended without a complete report.json in {run_dir}")
-    return {**done, "cached": False, "run_dir": str(run_dir)}
+    done = {**done, "cached": False, "run_dir": str(run_dir)}
+    write_ledger(label, done, ledger)
+    return done
 
 
 def aip_row(done: dict) -> dict:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.metadata
+import json
 import sys
 from pathlib import Path
 
@@ -49,3 +50,27 @@ def test_a_finished_run_counts_its_sparsity_stage_and_acp_its_intervals(quality)
     sparse = {"mode": "aip", "prune": {"intervals": 2, "finetune_epochs": 1, "sparsity": {"epochs": 1}}}
     assert quality.expected_stages(sparse) == 4
     assert quality.expected_stages({"mode": "aip", "prune": {"intervals": 3, "finetune_epochs": 0}}) == 3
+
+
+def test_a_ledger_record_stands_in_for_a_run_of_the_same_key_only(quality, tmp_path: Path) -> None:
+    cfg = {"mode": "aip", "seed": 0, "prune": {"intervals": 2, "finetune_epochs": 1}}
+    parts = {"code": {"aip_tree": "t", "aip_changes_sha256": "c"}, "teacher_sha256": "w", "libraries": {"torch": "2"}}
+    ledger, work = tmp_path / "ledger", tmp_path / "work"
+    report = {"teacher": {"top1": 90.0}, "stages": [{"top1": 50.0}, {"top1": 60.0}, {"top1": 70.0}]}
+    key = quality.arm_key(cfg, parts)
+    run_dir = str(quality.REPO / "benchmarks" / ".cache" / "quality" / f"arm-{key[:16]}")
+    done = {"report": report, "key": key, "seconds": 5.0, "cached": False, "run_dir": run_dir}
+    assert quality.run_arm(cfg, parts, work, "arm", dry=True, ledger=ledger) is None
+    quality.write_ledger("arm", done, ledger)
+    recorded = quality.run_arm(cfg, parts, work, "arm", dry=True, ledger=ledger)
+    assert recorded["report"] == report and recorded["cached"] and recorded["seconds"] == 5.0
+    assert recorded["run_dir"] == f"benchmarks/.cache/quality/arm-{key[:16]}"  # relative, never this machine's
+    assert quality.run_arm(cfg, parts, work, "arm", dry=True) is None  # no ledger, no run
+    assert quality.run_arm({**cfg, "seed": 1}, parts, work, "arm", dry=True, ledger=ledger) is None
+    upgraded = {**parts, "libraries": {"torch": "3"}}
+    assert quality.run_arm(cfg, upgraded, work, "arm", dry=True, ledger=ledger) is None
+    (ledger / f"arm-{key[:16]}.json").write_text(json.dumps({**done, "key": "another"}))
+    assert quality.run_arm(cfg, parts, work, "arm", dry=True, ledger=ledger) is None
+    short = {**done, "report": {**report, "stages": report["stages"][:2]}}  # a run cut short is no result
+    quality.write_ledger("arm", short, ledger)
+    assert quality.run_arm(cfg, parts, work, "arm", dry=True, ledger=ledger) is None
