@@ -334,6 +334,7 @@ def main() -> None:
             "python": platform.python_version(),
             "torch": torch.__version__,
             "libraries": key_parts["libraries"],
+            "runs": run_machines(runs),
         },
         "code": code,
     }
@@ -347,6 +348,17 @@ def main() -> None:
     plot(out, dest / f"{stem}.png")
     plot_curves(out, dest / f"{stem}-curves.png")
     print("\n".join(lines))
+
+
+def run_machines(runs: dict) -> dict[str, int]:
+    """How many of the reported runs each machine measured (runs recorded before machines were, as 'not recorded')."""
+    counts: dict[str, int] = {}
+    for by_arm in runs.values():
+        for rs in by_arm.values():
+            for r in rs:
+                name = r.get("machine") or "not recorded"
+                counts[name] = counts.get(name, 0) + 1
+    return dict(sorted(counts.items(), key=lambda kv: -kv[1]))
 
 
 def statistics_of(by_arm: dict[str, list[dict]]) -> dict:

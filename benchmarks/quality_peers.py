@@ -10,7 +10,7 @@ import sys
 import time
 from pathlib import Path
 
-from quality_runs import read_ledger, write_ledger
+from quality_runs import read_ledger, run_machine, write_ledger
 
 SCRIPT = Path(__file__).resolve().parent / "peers" / "torch_pruning_kd.py"
 # The peer arms: name -> the script's --loss.
@@ -100,6 +100,7 @@ def run_peer(
     if code != 0:
         sys.exit(f"error: the peer run {label} failed (exit {code}); see its output above")
     result = {**json.loads(tmp.read_text()), "key": key, "wall_seconds": time.perf_counter() - start}
+    result["machine"] = run_machine()  # the peer's process runs under the same threads setting as this one
     path.write_text(json.dumps(result, indent=1))
     tmp.unlink()
     write_ledger(label, result, ledger)
@@ -118,6 +119,7 @@ def peer_row(done: dict) -> dict:
         "seconds": done["wall_seconds"],
         "search_seconds": None,
         "cached": done["cached"],
+        "machine": done.get("machine"),
         "key": done["key"],
         "stages": done["stages"],
         "curve": [],

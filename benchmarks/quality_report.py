@@ -48,6 +48,14 @@ def pfmt(p: dict | None) -> str:
     return f"{fmt(p['mean'], True)} (p {p['p']:.3f}) {p['call']}" if p.get("p") is not None else fmt(p["mean"], True)
 
 
+def machines(machine: dict) -> str:
+    """The machines that measured the reported runs, with how many each (older results files: the report's own)."""
+    runs = machine.get("runs")
+    if not runs:
+        return machine["description"]
+    return "; ".join(f"{name} ({n} run{'s' if n > 1 else ''})" for name, n in runs.items())
+
+
 def markdown(out: dict, tag: str) -> list[str]:
     s, teacher = out["settings"], out["teacher"]
     lines = [
@@ -57,6 +65,7 @@ def markdown(out: dict, tag: str) -> list[str]:
         f"torch-pruning {out['machine']['libraries']['torch-pruning']}; {out['wall_seconds'] / 60:.0f} minutes "
         f"(cached runs count as 0). Code {out['code']['commit'][:10]}"
         f"{' + uncommitted aip/ changes' if out['code']['aip_changes_sha256'] != EMPTY_SHA else ''}.",
+        f"Runs measured on: {machines(out['machine'])}.",
         "",
         f"Teacher: {teacher['file']} (top-1 {teacher['top1']:.2f} here, published {teacher['published_top1']:.2f}). "
         f"Data: {out['data']}. Training subset {s['subset']} images (fixed, the same files for every arm), batch "

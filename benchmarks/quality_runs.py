@@ -63,6 +63,24 @@ def library_versions() -> dict[str, str]:
         fail(f"{exc.name} is not installed; pip install -e . first")
 
 
+def run_machine() -> str:
+    """The machine a run is measured on, in words: CPU model, torch's CPU kernels and threads, GPU if any (the same
+    config and seed differ by up to about a point across them, so every recorded run names its machine)."""
+    import platform
+
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        names = [line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name")]
+        cpu = names[0].split(":", 1)[1].strip() if names else cpu
+    except OSError:
+        pass
+    gpu = f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
+    capability = torch.backends.cpu.get_cpu_capability()
+    return f"{cpu} ({capability}), {torch.get_num_threads()} torch threads{gpu}"
+
+
 def cache_key_parts(code: dict, weights: Path) -> dict:
     """What, besides an arm's config, names its cached run: the aip/ code (not HEAD: other commits keep the cache),
     the teacher file and the library versions. Shared with benchmarks/ablations.py, whose baseline runs are the
@@ -165,7 +183,7 @@ def run_arm(
     if cfg["mode"] == "acp":
         log = json.loads((run_dir / "pruning_log.json").read_text())
         search = next((e["search_seconds"] for e in log if "search_seconds" in e), None)
-    meta = {"key": key, "seconds": seconds, "resumed": resumed, "search_seconds": search}
+    meta = {"key": key, "seconds": seconds, "resumed": resumed, "search_seconds": search, "machine": run_machine()}
     done_path.write_text(json.dumps(meta, indent=1))
     done = complete(run_dir, key, cfg)
     if done is None:
@@ -188,6 +206,7 @@ def aip_row(done: dict) -> dict:
         "search_seconds": done.get("search_seconds"),
         "cached": done["cached"],
         "resumed": done.get("resumed", False),
+        "machine": done.get("machine"),
         "run_dir": portable(done["run_dir"]),
         "key": done["key"],
         "teacher": t,
