@@ -74,3 +74,32 @@ def test_a_ledger_record_stands_in_for_a_run_of_the_same_key_only(quality, tmp_p
     short = {**done, "report": {**report, "stages": report["stages"][:2]}}  # a run cut short is no result
     quality.write_ledger("arm", short, ledger)
     assert quality.run_arm(cfg, parts, work, "arm", dry=True, ledger=ledger) is None
+
+
+def test_every_recorded_run_names_its_machine_and_the_report_counts_them(quality) -> None:
+    import quality as bench
+    import quality_peers
+    import quality_report
+    import torch
+
+    here = quality.run_machine()
+    assert f"{torch.get_num_threads()} torch threads" in here
+    assert torch.backends.cpu.get_cpu_capability() in here
+    report = {
+        "teacher": {"top1": 90.0, "flops": 10, "params": 4},
+        "stages": [{"stage": 1, "kind": "finetune", "top1": 70.0, "top5": 90.0, "flops": 5, "params": 2}],
+    }
+    aip = quality.aip_row(
+        {"report": report, "key": "k", "seconds": 1.0, "cached": True, "run_dir": "r", "machine": "A"}
+    )
+    peer = {"top1": 71.0, "flops_ratio": 0.5, "params_ratio": 0.5, "pruning_ratio": 0.3, "teacher_top1": 90.0}
+    peer = quality_peers.peer_row(
+        {**peer, "wall_seconds": 1.0, "cached": True, "key": "k", "stages": [], "machine": "B"}
+    )
+    old = {**aip, "machine": None}  # recorded before runs named their machine
+    assert (aip["machine"], peer["machine"]) == ("A", "B")
+    counts = bench.run_machines({"0.5": {"d_aip": [aip, aip], "p_tp_kd": [peer]}, "0.3": {"d_aip": [old]}})
+    assert counts == {"A": 2, "B": 1, "not recorded": 1}
+    line = quality_report.machines({"description": "here", "runs": counts})
+    assert line == "A (2 runs); B (1 run); not recorded (1 run)"
+    assert quality_report.machines({"description": "here"}) == "here"  # a results file from before
