@@ -162,6 +162,8 @@ def main() -> None:
 
     def top1(cfg: dict, label: str) -> float:
         done = run_arm(cfg, key_parts, work, label, ledger=LEDGER)
+        if "refused" in done:
+            fail(f"{label}: {done['refused']}")
         print(f"{label}: top-1 {done['report']['stages'][-1]['top1']:.2f}", flush=True)
         return done["report"]["stages"][-1]["top1"]
 

@@ -270,6 +270,7 @@ def main() -> None:
     started = time.perf_counter()
     runs: dict = {t: {arm: [] for arm in arms} for t in TARGETS}
     teacher_row, missing = None, [f"{arm} (not asked for)" for arm in ALL_ARMS if arm not in arms]
+    refused: dict = {}  # target -> arm -> [{seed, reason, machine}]: runs whose pruner could not reach the target
     for target in TARGETS:
         for seed in range(n_seeds):  # seed-major: a cut-short sitting still has paired arms for the seeds it reached
             for arm in (a for a in arms if seed in seeds_of[a]):
@@ -284,6 +285,11 @@ def main() -> None:
                 else:
                     cfg = arm_config(arm, model, weights, data, s, float(target), seed)
                     done = run_arm(cfg, key_parts, work, label, dry=args.no_run, ledger=ledger)
+                    if done is not None and "refused" in done:
+                        refused.setdefault(target, {}).setdefault(arm, []).append(
+                            {"seed": seed, "reason": done["refused"], "machine": done.get("machine")}
+                        )
+                        continue
                     row = None if done is None else aip_row(done)
                 if row is None:
                     missing.append(label)
@@ -320,6 +326,7 @@ def main() -> None:
         "seeds": sorted({r["seed"] for t in targets for rs in runs[t].values() for r in rs}),
         "seeds_per_arm": {arm: seeds_of[arm] for arm in arms},
         "missing": missing,
+        "refused": refused,
         "results": results,
         "curves": curves,
         "paired": stats,

@@ -108,6 +108,9 @@ def markdown(out: dict, tag: str) -> list[str]:
                 f"| {pfmt(stats['vs_peer'].get(arm))} | {pfmt(stats['vs_a'].get(arm))} "
                 f"| {d['mean'] - teacher['top1']:+.2f} | {wall_s} |"
             )
+        for arm, rs in out.get("refused", {}).get(target, {}).items():
+            seeds = ", ".join(str(r["seed"]) for r in rs)
+            lines.append(f"| {arm} | refused (seeds {seeds}): {rs[0]['reason']} | | | | | | | | |")
         if stats["steps"]:
             lines += ["", "Each added ingredient (paired over seeds):", ""]
             lines += ["| comparison | seeds | mean | std | SE | p | call |", "|---|---|---|---|---|---|---|"]

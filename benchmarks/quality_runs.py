@@ -4,8 +4,10 @@ machine's). See benchmarks/quality.py."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.metadata
+import io
 import json
 import subprocess
 import sys
@@ -139,17 +141,53 @@ def write_ledger(label: str, done: dict, ledger: Path | None) -> None:
     (ledger / f"{label}-{done['key'][:16]}.json").write_text(json.dumps(record, separators=(",", ":")) + "\n")
 
 
+# The one failure a benchmark reports rather than stops on: the pruner cannot reach the target within the method's
+# own limits (prune.max_layer_ratio, the effective-rank caps of prune.capacity).
+REFUSAL = "error: cannot reach the target"
+
+
+class Tee(io.TextIOBase):
+    """A text stream that writes to each of several (the terminal and a buffer that keeps the run's error line)."""
+
+    def __init__(self, *streams: io.TextIOBase) -> None:
+        self.streams = streams
+
+    def write(self, text: str) -> int:
+        for stream in self.streams:
+            stream.write(text)
+        return len(text)
+
+    def flush(self) -> None:
+        for stream in self.streams:
+            stream.flush()
+
+
+def read_refusal(path: Path, key: str) -> dict | None:
+    """The recorded refusal of this key's run (the pruner could not reach the target), or None."""
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return record if record.get("key") == key else None
+
+
 def run_arm(
     cfg: dict, key_parts: dict, work: Path, label: str, dry: bool = False, ledger: Path | None = None
 ) -> dict | None:
     """Run one arm in work/<label>-<key> (reused when complete with the same key, or when `ledger` records it); its
-    report and wall time. `dry`: only a complete cached or recorded run, else None."""
+    report and wall time, or {key, refused, machine} where the pruner cannot reach the target within the method's
+    limits (recorded like a run). `dry`: only a complete cached or recorded run, else None."""
     import yaml
 
     from aip.train import main as train_main
 
     key = arm_key(cfg, key_parts)
     run_dir = work / f"{label}-{key[:16]}"
+    refused_path = run_dir.with_name(run_dir.name + ".refused.json")
+    refused = read_refusal(refused_path, key) or read_ledger(label, key, ledger)
+    if refused is not None and "refused" in refused:
+        print(f"{label}: refused ({refused['refused']})", flush=True)
+        return {**refused, "cached": True}
     done = complete(run_dir, key, cfg)
     if done is not None:
         print(f"{label}: cached in {run_dir}", flush=True)
@@ -175,7 +213,15 @@ def run_arm(
     print(f"{label}: {'resuming' if resumed else 'running'} in {run_dir}", flush=True)
     start = time.perf_counter()
     # Same key: an interrupted run goes on from its newest checkpoint (or from the start in its own directory).
-    code = train_main(["--config", str(cfg_path), "--out", str(run_dir), "--resume", "auto"])
+    errors = io.StringIO()
+    with contextlib.redirect_stderr(Tee(sys.stderr, errors)):
+        code = train_main(["--config", str(cfg_path), "--out", str(run_dir), "--resume", "auto"])
+    refusal = next((line for line in errors.getvalue().splitlines() if line.startswith(REFUSAL)), None)
+    if code == 2 and refusal:  # the method's own limit (e.g. capacity caps above the target): a result, not a fault
+        record = {"key": key, "refused": refusal.removeprefix("error: "), "machine": run_machine()}
+        refused_path.write_text(json.dumps(record, indent=1))
+        write_ledger(label, record, ledger)
+        return {**record, "cached": False}
     if code != 0:
         fail(f"the run {label} failed (exit {code}) in {run_dir}; see its output above")
     seconds = time.perf_counter() - start

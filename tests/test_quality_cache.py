@@ -103,3 +103,39 @@ def test_every_recorded_run_names_its_machine_and_the_report_counts_them(quality
     line = quality_report.machines({"description": "here", "runs": counts})
     assert line == "A (2 runs); B (1 run); not recorded (1 run)"
     assert quality_report.machines({"description": "here"}) == "here"  # a results file from before
+
+
+def test_a_run_the_pruner_cannot_bring_to_its_target_is_recorded_as_refused(
+    quality, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import aip.train
+
+    calls = []
+
+    def refuse(argv: list[str]) -> int:
+        calls.append(argv)
+        print("error: cannot reach the target: the flops are still 0.783 of the interval's start", file=sys.stderr)
+        return 2
+
+    monkeypatch.setattr(aip.train, "main", refuse)
+    cfg = {"mode": "aip", "seed": 0, "prune": {"intervals": 2, "finetune_epochs": 1}}
+    parts = {"code": {"aip_tree": "t", "aip_changes_sha256": "c"}, "teacher_sha256": "w", "libraries": {"torch": "2"}}
+    work, ledger = tmp_path / "work", tmp_path / "ledger"
+    done = quality.run_arm(cfg, parts, work, "arm", ledger=ledger)
+    assert done["refused"] == "cannot reach the target: the flops are still 0.783 of the interval's start"
+    assert len(calls) == 1 and done["machine"] == quality.run_machine()
+    for again in (  # from the work directory, and from the ledger alone (a clean clone): never run again
+        quality.run_arm(cfg, parts, work, "arm", dry=True, ledger=ledger),
+        quality.run_arm(cfg, parts, tmp_path / "clone", "arm", dry=True, ledger=ledger),
+    ):
+        assert again["refused"] == done["refused"] and again["cached"]
+    assert len(calls) == 1
+    assert quality.run_arm({**cfg, "seed": 1}, parts, work, "arm", dry=True, ledger=ledger) is None  # another key
+
+    def crash(argv: list[str]) -> int:
+        print("error: data.root: no such directory", file=sys.stderr)
+        return 2
+
+    monkeypatch.setattr(aip.train, "main", crash)  # any other failure stops the benchmark
+    with pytest.raises(SystemExit, match="failed"):
+        quality.run_arm({**cfg, "seed": 2}, parts, work, "arm", ledger=ledger)
