@@ -44,6 +44,10 @@ only when its key matches and its report.json is complete; a directory of the sa
 is resumed (`--resume auto`), anything else is a new directory, so no number from other code or settings is reused.
 Each finished run is also recorded in benchmarks/results/ledger/ (its report and our record, a few kB, committed), so
 a sitting longer than one machine's life goes on from a clean clone: a record is reused under the same key only.
+A run whose pruner cannot reach the target within the method's own limits (g's effective-rank caps, the layer cap)
+is recorded as refused, with aip's one-line reason, in the report and the ledger, and the sitting goes on; any other
+failure stops it. Every recorded run names its machine (CPU, torch's CPU kernels and threads), and the report lists
+the machines that measured its runs.
 """
 
 from __future__ import annotations
