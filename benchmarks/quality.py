@@ -293,6 +293,7 @@ def main() -> None:
                         refused.setdefault(target, {}).setdefault(arm, []).append(
                             {"seed": seed, "reason": done["refused"], "machine": done.get("machine")}
                         )
+                        print(f"{label}: refused ({done['refused']})", flush=True)
                         continue
                     row = None if done is None else aip_row(done)
                 if row is None:
