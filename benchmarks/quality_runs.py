@@ -186,7 +186,7 @@ def run_arm(
     refused_path = run_dir.with_name(run_dir.name + ".refused.json")
     refused = read_refusal(refused_path, key) or read_ledger(label, key, ledger)
     if refused is not None and "refused" in refused:
-        print(f"{label}: refused ({refused['refused']})", flush=True)
+        print(f"{label}: refusal recorded", flush=True)
         return {**refused, "cached": True}
     done = complete(run_dir, key, cfg)
     if done is not None:
