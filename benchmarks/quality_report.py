@@ -45,7 +45,14 @@ def pfmt(p: dict | None) -> str:
     """A paired comparison as 'mean (p) call' for a table cell."""
     if not p:
         return "-"
-    return f"{fmt(p['mean'], True)} (p {p['p']:.3f}) {p['call']}" if p.get("p") is not None else fmt(p["mean"], True)
+    if p.get("p") is None:
+        return fmt(p["mean"], True)
+    return f"{fmt(p['mean'], True)} (p {pvalue(p['p'])}) {p['call']}"
+
+
+def pvalue(p: float) -> str:
+    """A p-value to three places, '< 0.001' below that."""
+    return "< 0.001" if p < 0.001 else f"{p:.3f}"
 
 
 def machines(machine: dict) -> str:
@@ -115,7 +122,7 @@ def markdown(out: dict, tag: str) -> list[str]:
             lines += ["", "Each added ingredient (paired over seeds):", ""]
             lines += ["| comparison | seeds | mean | std | SE | p | call |", "|---|---|---|---|---|---|---|"]
             for name, p in stats["steps"].items():
-                p_value = "-" if p["p"] is None else f"{p['p']:.3f}"
+                p_value = "-" if p["p"] is None else pvalue(p["p"])
                 lines.append(
                     f"| {name} | {len(p['seeds'])} | {fmt(p['mean'], True)} | {fmt(p['std'])} | {fmt(p['se'])} "
                     f"| {p_value} | {p['call']} |"
