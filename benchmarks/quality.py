@@ -59,6 +59,7 @@ import platform
 import sys
 import tarfile
 import time
+from collections import Counter
 from pathlib import Path
 
 from quality_peers import PEERS, peer_args, peer_row, run_peer, write_subset
@@ -364,13 +365,8 @@ def main() -> None:
 
 def run_machines(runs: dict) -> dict[str, int]:
     """How many of the reported runs each machine measured (runs recorded before machines were, as 'not recorded')."""
-    counts: dict[str, int] = {}
-    for by_arm in runs.values():
-        for rs in by_arm.values():
-            for r in rs:
-                name = r.get("machine") or "not recorded"
-                counts[name] = counts.get(name, 0) + 1
-    return dict(sorted(counts.items(), key=lambda kv: -kv[1]))
+    rows = (r for by_arm in runs.values() for rs in by_arm.values() for r in rs)
+    return dict(Counter(r.get("machine") or "not recorded" for r in rows).most_common())
 
 
 def statistics_of(by_arm: dict[str, list[dict]]) -> dict:

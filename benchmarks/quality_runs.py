@@ -67,7 +67,7 @@ def library_versions() -> dict[str, str]:
 
 def run_machine() -> str:
     """The machine a run is measured on, in words: CPU model, torch's CPU kernels and threads, GPU if any (the same
-    config and seed differ by up to about a point across them, so every recorded run names its machine)."""
+    config and seed differ by up to about half a point across them, so every recorded run names its machine)."""
     import platform
 
     import torch
