@@ -28,6 +28,8 @@ from aip.tasks.detection.models import DETECTORS
 
 # Criteria that rank by likeness rather than saliency: not allowed as the hybrid's saliency half.
 LIKENESS_CRITERIA = ("hybrid", "similarity", "fpgm")
+# Criteria an ACP cut cannot use: it ranks a group's channels once, on forward passes only.
+NOT_FOR_ACP_CUTS = ("hybrid", "taylor")
 
 
 def _one_of(key: str, value: str, allowed: list[str]) -> None:
@@ -49,6 +51,7 @@ def check_names(cfg: Config, dataset: bool = True) -> None:
     _one_of("prune.criterion", cfg.prune.criterion, IMPORTANCES.names())
     saliency = [n for n in IMPORTANCES.names() if n not in LIKENESS_CRITERIA]
     _one_of("prune.hybrid.saliency", cfg.prune.hybrid.saliency, saliency)
+    _one_of("acp.criterion", cfg.acp.criterion, [n for n in IMPORTANCES.names() if n not in NOT_FOR_ACP_CUTS])
     check_trackers(cfg)
     if dataset and cfg.task == "classification":
         DATASETS.get(cfg.data.name).validate(cfg.data)

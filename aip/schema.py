@@ -257,6 +257,10 @@ class AcpConfig:
     calibration_images: int = option(200, "images whose channel responses are clustered")
     swarm: SwarmConfig = option(SwarmConfig, "the particle swarm over per-group widths")
     recovery_steps: int = option(200, "training steps of each candidate before its fitness is measured")
+    criterion: str = option(
+        "l1", "which channels a group keeps at a searched width (forward passes only: not taylor or hybrid)"
+    )
+    fill_budget: bool = option(True, "widen the searched widths by one common factor until they fill the budget")
     holdout_size: int = option(1000, "training images held out to measure fitness on (top-1; mAP@.5 for detection)")
     distill: bool = option(True, "distil the candidates' recovery steps from the teacher")
     final: str = option("aip", "recovery of every stage: aip (the AIP losses) or finetune (the task loss alone)")

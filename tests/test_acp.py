@@ -204,7 +204,7 @@ def test_feature_similarity_cuts_to_widths_keeping_one_of_each_duplicate_group()
     pruner = ChannelPruner(model, example, [model[3]], max_layer_ratio=0.9)
     images = torch.utils.data.TensorDataset(torch.randn(64, 3, 6, 6), torch.zeros(64, dtype=torch.long))
     features = PruneConfig(similarity=SimilarityConfig(source="features"), calibration_batches=2)
-    cut_to_widths(pruner, {"0": 3}, features, images, 16, torch.device("cpu"))
+    cut_to_widths(pruner, {"0": 3}, features, images, 16, torch.device("cpu"), criterion="similarity")
     kept = model[0].weight.detach()
     assert kept.shape[0] == 3
     for rows in ([0, 1, 2, 3], [4, 5, 6], [7]):
@@ -311,3 +311,33 @@ def test_a_task_without_a_width_search_refuses_mode_acp_in_one_line(monkeypatch:
     checks.check_names(config_from_dict({"mode": "aip"}), dataset=False)
     with pytest.raises(ConfigError, match=message):
         split_search_data(SimpleNamespace(train=[], train_eval=None), 4, 0, NoSearch())
+
+
+def test_scale_to_budget_grows_widths_under_the_budget_to_fill_it_by_one_common_factor() -> None:
+    cost = lambda w: float(sum(w))  # noqa: E731
+    assert scale_to_budget([2.0, 4.0], [1, 1], cost, 12.0) == [2, 4]  # without `upper`, under budget is kept
+    grown = scale_to_budget([2.0, 4.0], [1, 1], cost, 14.0, upper=[10, 12])
+    assert grown == [6, 8] and cost(grown) == 14.0  # half of each group's room: the budget exactly
+    assert scale_to_budget([2.0, 4.0], [1, 1], cost, 13.0, upper=[10, 12]) == [5, 7]  # the largest common share
+    assert scale_to_budget([2.0, 4.0], [1, 1], cost, 100.0, upper=[10, 10]) == [10, 10]  # never over `upper`
+    assert scale_to_budget([20.0, 20.0], [1, 1], cost, 12.0, upper=[20, 20]) == [6, 6]  # over budget: shrinks
+
+
+def test_an_acp_cut_keeps_the_channels_its_criterion_ranks_highest() -> None:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.LazyLinear(4))
+    example = torch.randn(1, 3, 6, 6)
+    model(example)
+    with torch.no_grad():
+        model[0].weight.mul_(torch.arange(1.0, 9.0).view(8, 1, 1, 1))  # filter i's norm grows with i
+    original = model[0].weight.detach().clone()
+    pruner = ChannelPruner(model, example, [model[3]], max_layer_ratio=0.9)
+    cut_to_widths(pruner, {"0": 3}, PruneConfig(), [], 16, torch.device("cpu"))  # acp.criterion's default: l1
+    assert torch.equal(model[0].weight.detach(), original[5:])
+
+
+def test_acp_criterion_refuses_one_that_needs_gradients_or_a_schedule_in_one_line() -> None:
+    for name in ("taylor", "hybrid"):
+        with pytest.raises(ConfigError, match=f"acp.criterion: '{name}' is not allowed"):
+            checks.check_names(config_from_dict({"mode": "acp", "acp": {"criterion": name}}), dataset=False)
+    checks.check_names(config_from_dict({"mode": "acp", "acp": {"criterion": "similarity"}}), dataset=False)

@@ -89,7 +89,16 @@ def acp_prune(run: PruningRun, stage: Stage, data: SearchData) -> None:
     acc = session.accelerator
     before = pruner.cost(run.metric) / run.base[run.metric]
     cut_to_widths(
-        pruner, goal, cfg.prune, data.calibration, cfg.data.batch_size, acc.device, session.task, budget, run.metric
+        pruner,
+        goal,
+        cfg.prune,
+        data.calibration,
+        cfg.data.batch_size,
+        acc.device,
+        session.task,
+        budget,
+        run.metric,
+        cfg.acp.criterion,
     )
     entry = {
         "stage": stage.index,

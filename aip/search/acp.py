@@ -212,30 +212,53 @@ def scale_to_budget(
     cost: Callable[[list[int]], float],
     budget: float,
     grids: list[WidthGrid] | None = None,
+    upper: list[int] | None = None,
 ) -> list[int]:
     """Round `widths`; if their cost exceeds `budget`, shrink every group towards `lower` by one common factor
     (bisection) until it fits. Returns `lower` when even that is over budget (the caller's penalty applies). With
     `grids` (one per group, `lower` on them), each width is rounded to its grid's nearest width and shrunk to its
-    grid's widths (`prune.round_to`)."""
+    grid's widths (`prune.round_to`). With `upper`, widths under the budget grow towards `upper` by one common factor
+    until the next step would exceed it, so every candidate spends the budget it is given."""
     if grids is None:
         rounded = [max(lo, round(w)) for w, lo in zip(widths, lower, strict=True)]
     else:
         rounded = [max(lo, g.nearest(w)) for w, lo, g in zip(widths, lower, grids, strict=True)]
     if cost(rounded) <= budget:
-        return rounded
+        return rounded if upper is None else _grow(rounded, upper, cost, budget, grids)
 
     def shrink(f: float) -> list[int]:
         if grids is not None:
             return [max(lo, g.floor(lo + f * (w - lo))) for w, lo, g in zip(rounded, lower, grids, strict=True)]
         return [max(lo, math.floor(lo + f * (w - lo))) for w, lo in zip(rounded, lower, strict=True)]
 
-    lo_f, hi_f = 0.0, 1.0
     if cost(shrink(0.0)) > budget:
         return shrink(0.0)
-    for _ in range(40):
-        mid = (lo_f + hi_f) / 2
-        if cost(shrink(mid)) <= budget:
-            lo_f = mid
-        else:
-            hi_f = mid
-    return shrink(lo_f)
+    return shrink(_largest_fitting(lambda f: cost(shrink(f)) <= budget))
+
+
+def _grow(
+    widths: list[int],
+    upper: list[int],
+    cost: Callable[[list[int]], float],
+    budget: float,
+    grids: list[WidthGrid] | None,
+) -> list[int]:
+    """`widths` (within `budget`) moved towards `upper` by the largest common factor that stays within it."""
+
+    def grow(f: float) -> list[int]:
+        if grids is not None:
+            return [min(up, max(w, g.floor(w + f * (up - w)))) for w, up, g in zip(widths, upper, grids, strict=True)]
+        return [min(up, max(w, math.floor(w + f * (up - w)))) for w, up in zip(widths, upper, strict=True)]
+
+    return grow(_largest_fitting(lambda f: cost(grow(f)) <= budget))
+
+
+def _largest_fitting(fits: Callable[[float], bool], steps: int = 40) -> float:
+    """The largest factor in [0, 1] (to 2**-steps) for which `fits` holds, given that it holds at 0 and is monotone."""
+    low, high = 0.0, 1.0
+    if fits(1.0):
+        return 1.0
+    for _ in range(steps):
+        mid = (low + high) / 2
+        low, high = (mid, high) if fits(mid) else (low, mid)
+    return low

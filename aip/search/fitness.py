@@ -90,14 +90,16 @@ def cut_to_widths(
     task: Task = CLASSIFICATION,
     budget: float | None = None,
     metric: str = "flops",
+    criterion: str = "l1",
 ) -> dict[str, int]:
-    """Cut the pruner's model to `widths` with the similarity criterion, so that a cluster of near-identical
-    channels keeps one; with `prune.similarity.source: features` their feature maps are first recorded on
-    `prune.calibration_batches` batches of `calibration` (in order: the same on every process and every run).
+    """Cut the pruner's model to `widths`, each group keeping its best channels by `criterion` (`acp.criterion`:
+    l1 as in ACP's code; similarity keeps one of each cluster of near-identical channels). A criterion that reads
+    feature maps first records them on `prune.calibration_batches` batches of `calibration` (in order: the same on
+    every process and every run).
 
     Returns the widths the groups got. With `budget`, the cut model's cost (`metric`) is checked against it: a cut
     over budget (a removal that failed and left a group wider) raises PruningError instead of passing silently."""
-    importance = create_importance("similarity", prune_cfg)
+    importance = create_importance(criterion, prune_cfg)
     if needs_features(importance):
         loader = DataLoader(calibration, batch_size=batch_size, collate_fn=task.collate)
         search = search_adapter(task)
@@ -143,7 +145,9 @@ def recovered(
     with seeded(derive_seed(cfg.seed, "acp-candidate", tuple(widths.values()))):
         model = copy.deepcopy(teacher).requires_grad_(True).train()
         pruner = ChannelPruner(*task.prunable(model, example))
-        reached = cut_to_widths(pruner, widths, cfg.prune, data.calibration, cfg.data.batch_size, device, task)
+        reached = cut_to_widths(
+            pruner, widths, cfg.prune, data.calibration, cfg.data.batch_size, device, task, criterion=cfg.acp.criterion
+        )
         model.train()
         optimizer = torch.optim.SGD(
             model.parameters(), lr=cfg.train.lr, momentum=cfg.train.momentum, weight_decay=cfg.train.weight_decay

@@ -87,7 +87,7 @@ def search_widths(
         lower,
         upper,
         None,
-        lambda w: scale_to_budget(w, lower, cost, budget, grids),
+        lambda w: scale_to_budget(w, lower, cost, budget, grids, upper if acp.fill_budget else None),
         acp.swarm,
         seed=cfg.seed,
         state_path=session.run_dir / SWARM_FILE,
