@@ -313,14 +313,21 @@ def test_a_task_without_a_width_search_refuses_mode_acp_in_one_line(monkeypatch:
         split_search_data(SimpleNamespace(train=[], train_eval=None), 4, 0, NoSearch())
 
 
-def test_scale_to_budget_grows_widths_under_the_budget_to_fill_it_by_one_common_factor() -> None:
+def test_scale_to_budget_grows_widths_under_the_budget_until_no_group_s_next_width_fits() -> None:
     cost = lambda w: float(sum(w))  # noqa: E731
     assert scale_to_budget([2.0, 4.0], [1, 1], cost, 12.0) == [2, 4]  # without `upper`, under budget is kept
     grown = scale_to_budget([2.0, 4.0], [1, 1], cost, 14.0, upper=[10, 12])
-    assert grown == [6, 8] and cost(grown) == 14.0  # half of each group's room: the budget exactly
-    assert scale_to_budget([2.0, 4.0], [1, 1], cost, 13.0, upper=[10, 12]) == [5, 7]  # the largest common share
+    assert grown == [6, 8]  # half of each group's room: the budget exactly, by the common factor alone
+    # the common factor stops at [5, 7] (the next floors give [6, 8], over 13); the top-up steps the group grown
+    # least: group 0 has 3/8 of its room, group 1 3/8 too, so the lower index
+    assert scale_to_budget([2.0, 4.0], [1, 1], cost, 13.0, upper=[10, 12]) == [6, 7]
+    pricey = lambda w: 5.0 * w[0] + w[1]  # noqa: E731
+    assert scale_to_budget([2.0, 2.0], [1, 1], pricey, 20.0, upper=[4, 20]) == [2, 10]  # fills with the cheap one
     assert scale_to_budget([2.0, 4.0], [1, 1], cost, 100.0, upper=[10, 10]) == [10, 10]  # never over `upper`
     assert scale_to_budget([20.0, 20.0], [1, 1], cost, 12.0, upper=[20, 20]) == [6, 6]  # over budget: shrinks
+    # shrunk by a common factor to [6, 6] (11 of 13 with the floors: [6.5, 6.5] is not a width), then topped up
+    assert scale_to_budget([20.0, 20.0], [1, 1], cost, 13.0, upper=[20, 20]) == [7, 6]
+    assert scale_to_budget([20.0, 20.0], [1, 1], cost, 13.0) == [6, 6]  # without `upper`: the shrink alone
 
 
 def test_an_acp_cut_keeps_the_channels_its_criterion_ranks_highest() -> None:

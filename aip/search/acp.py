@@ -217,8 +217,8 @@ def scale_to_budget(
     """Round `widths`; if their cost exceeds `budget`, shrink every group towards `lower` by one common factor
     (bisection) until it fits. Returns `lower` when even that is over budget (the caller's penalty applies). With
     `grids` (one per group, `lower` on them), each width is rounded to its grid's nearest width and shrunk to its
-    grid's widths (`prune.round_to`). With `upper`, widths under the budget grow towards `upper` by one common factor
-    until the next step would exceed it, so every candidate spends the budget it is given."""
+    grid's widths (`prune.round_to`). With `upper`, widths under the budget (as given or as shrunk) grow towards
+    `upper` until no group's next width fits (`_grow`), so every candidate spends the budget it is given."""
     if grids is None:
         rounded = [max(lo, round(w)) for w, lo in zip(widths, lower, strict=True)]
     else:
@@ -233,7 +233,8 @@ def scale_to_budget(
 
     if cost(shrink(0.0)) > budget:
         return shrink(0.0)
-    return shrink(_largest_fitting(lambda f: cost(shrink(f)) <= budget))
+    shrunk = shrink(_largest_fitting(lambda f: cost(shrink(f)) <= budget))
+    return shrunk if upper is None else _grow(shrunk, upper, cost, budget, grids)
 
 
 def _grow(
@@ -243,14 +244,28 @@ def _grow(
     budget: float,
     grids: list[WidthGrid] | None,
 ) -> list[int]:
-    """`widths` (within `budget`) moved towards `upper` by the largest common factor that stays within it."""
+    """`widths` (within `budget`) moved towards `upper` by the largest common factor that stays within it, then
+    topped up one width step at a time, the group grown least (as a share of its room) first, while a step fits."""
 
     def grow(f: float) -> list[int]:
         if grids is not None:
             return [min(up, max(w, g.floor(w + f * (up - w)))) for w, up, g in zip(widths, upper, grids, strict=True)]
         return [min(up, max(w, math.floor(w + f * (up - w)))) for w, up in zip(widths, upper, strict=True)]
 
-    return grow(_largest_fitting(lambda f: cost(grow(f)) <= budget))
+    def step_up(i: int, width: int) -> int:
+        return min(upper[i], grids[i].floor(width + grids[i].step) if grids is not None else width + 1)
+
+    grown = grow(_largest_fitting(lambda f: cost(grow(f)) <= budget))
+    while True:
+        share = [(g - w) / (up - w) if up > w else 1.0 for g, w, up in zip(grown, widths, upper, strict=True)]
+        for i in sorted(range(len(grown)), key=lambda i: (share[i], i)):
+            trial = list(grown)
+            trial[i] = step_up(i, grown[i])
+            if trial[i] > grown[i] and cost(trial) <= budget:
+                grown = trial
+                break
+        else:
+            return grown
 
 
 def _largest_fitting(fits: Callable[[float], bool], steps: int = 40) -> float:
