@@ -322,7 +322,7 @@ def test_scale_to_budget_grows_widths_under_the_budget_until_no_group_s_next_wid
     # least: group 0 has 3/8 of its room, group 1 3/8 too, so the lower index
     assert scale_to_budget([2.0, 4.0], [1, 1], cost, 13.0, upper=[10, 12]) == [6, 7]
     pricey = lambda w: 5.0 * w[0] + w[1]  # noqa: E731
-    assert scale_to_budget([2.0, 2.0], [1, 1], pricey, 20.0, upper=[4, 20]) == [2, 10]  # fills with the cheap one
+    assert scale_to_budget([2.0, 2.0], [1, 1], pricey, 20.0, upper=[4, 20]) == [2, 10]  # common factor alone
     assert scale_to_budget([2.0, 4.0], [1, 1], cost, 100.0, upper=[10, 10]) == [10, 10]  # never over `upper`
     assert scale_to_budget([20.0, 20.0], [1, 1], cost, 12.0, upper=[20, 20]) == [6, 6]  # over budget: shrinks
     # shrunk by a common factor to [6, 6] (11 of 13 with the floors: [6.5, 6.5] is not a width), then topped up
