@@ -114,7 +114,7 @@ def peer_row(done: dict) -> dict:
         "top5": None,
         "flops_ratio": done["flops_ratio"],
         "params_ratio": done["params_ratio"],
-        "pruning_ratio": done["pruning_ratio"],
+        "pruning_ratios": done["pruning_ratios"],
         "teacher_top1": done["teacher_top1"],
         "seconds": done["wall_seconds"],
         "search_seconds": None,

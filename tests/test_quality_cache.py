@@ -92,7 +92,7 @@ def test_every_recorded_run_names_its_machine_and_the_report_counts_them(quality
     aip = quality.aip_row(
         {"report": report, "key": "k", "seconds": 1.0, "cached": True, "run_dir": "r", "machine": "A"}
     )
-    peer = {"top1": 71.0, "flops_ratio": 0.5, "params_ratio": 0.5, "pruning_ratio": 0.3, "teacher_top1": 90.0}
+    peer = {"top1": 71.0, "flops_ratio": 0.5, "params_ratio": 0.5, "pruning_ratios": [0.3, 0.2], "teacher_top1": 90.0}
     peer = quality_peers.peer_row(
         {**peer, "wall_seconds": 1.0, "cached": True, "key": "k", "stages": [], "machine": "B"}
     )

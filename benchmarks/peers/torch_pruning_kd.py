@@ -4,9 +4,11 @@
         --target 0.3 --seed 0 --loss kd --out result.json
 
 Written the way Torch-Pruning's README and its benchmarks/main.py do it: `tp.pruner.MetaPruner` with
-`tp.importance.GroupMagnitudeImportance(p=1)`, global pruning, `iterative_steps` steps of its linear schedule, the
-classifier left alone, and one pruning ratio found by bisection so that the pruned network has the target share of
-the teacher's FLOPs. After each step the network trains for `--between` epochs, then `--finetune` epochs more; each
+`tp.importance.GroupMagnitudeImportance(p=1)`, global pruning, the classifier left alone. The pruning ratio is found
+by bisection so that `--steps` steps of its linear schedule, taken on the unpruned weights, leave the target share of
+the teacher's FLOPs; the steps before the last follow that schedule, and the last is a fresh pruner whose ratio is
+bisected again on the trained weights (which rank channels differently), so the network lands at the target, at most
+one channel under it. After each step the network trains for `--between` epochs, then `--finetune` epochs more; each
 phase has a fresh SGD (momentum 0.9, weight decay 5e-4) and a cosine schedule over its steps. The loss is
 cross-entropy (`--loss ce`) or 0.7 CE + 0.3 T^2 KL(student/T || teacher/T) at T=4 (`--loss kd`, Hinton et al.).
 
@@ -81,16 +83,17 @@ def make_pruner(model: nn.Module, ratio: float, steps: int) -> tp.pruner.MetaPru
     )
 
 
-def bisect_ratio(model: nn.Module, target: float, steps: int) -> float:
-    """The pruning ratio whose `steps` steps, taken on the unpruned weights, leave `target` of the FLOPs."""
-    base, lo, hi = flops(model), 0.0, 0.99
+def bisect_ratio(model: nn.Module, goal: float, steps: int) -> float:
+    """The smallest pruning ratio whose `steps` steps, taken on the model's current weights, leave at most `goal`
+    FLOPs."""
+    lo, hi = 0.0, 0.99
     for _ in range(14):
         mid = (lo + hi) / 2
         trial = copy.deepcopy(model)
         pruner = make_pruner(trial, mid, steps)
         for _ in range(steps):
             pruner.step()
-        lo, hi = (mid, hi) if flops(trial) / base > target else (lo, mid)
+        lo, hi = (mid, hi) if flops(trial) > goal else (lo, mid)
     return hi
 
 
@@ -171,11 +174,15 @@ def main() -> None:
 
     base = flops(teacher)
     teacher_top1 = top1(teacher, test_loader)
-    ratio = bisect_ratio(student, args.target, args.steps)
-    pruner = make_pruner(student, ratio, args.steps)
+    ratios = [bisect_ratio(student, args.target * base, args.steps)]
+    pruner = make_pruner(student, ratios[0], args.steps)
     stages = []
-    for _ in range(args.steps):
-        pruner.step()
+    for step in range(args.steps):
+        if step < args.steps - 1:
+            pruner.step()
+        else:  # the last step lands on the target from the trained weights
+            ratios.append(bisect_ratio(student, args.target * base, 1))
+            make_pruner(student, ratios[-1], 1).step()
         train(student, teacher, loader, args.between, args)
         stages.append({"kind": "prune", "flops_ratio": flops(student) / base, "top1": top1(student, test_loader)})
     if args.finetune:
@@ -185,7 +192,7 @@ def main() -> None:
         "top1": stages[-1]["top1"],
         "flops_ratio": stages[-1]["flops_ratio"],
         "params_ratio": sum(p.numel() for p in student.parameters()) / sum(p.numel() for p in teacher.parameters()),
-        "pruning_ratio": ratio,
+        "pruning_ratios": ratios,
         "teacher_top1": teacher_top1,
         "stages": stages,
         "seconds": time.perf_counter() - started,
