@@ -217,6 +217,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="1 seed, small subset, both targets (about 10 minutes)")
     parser.add_argument("--seeds", type=int, help="seeds of the peers and arms a, b, d (default 5, the others 3)")
+    parser.add_argument(
+        "--from-seed", type=int, default=0, help="run only seeds from this one on (a second process takes the rest)"
+    )
     parser.add_argument("--model", choices=sorted(MODELS), default="resnet20", help="the published teacher")
     parser.add_argument("--data", help="CIFAR-10 ImageFolder tree with train/ and test/ (default ~/.cache/aip/cifar10)")
     parser.add_argument("--weights", default=str(SHARED / "weights"), help="folder of the published teachers")
@@ -277,7 +280,8 @@ def main() -> None:
     teacher_row, missing = None, [f"{arm} (not asked for)" for arm in ALL_ARMS if arm not in arms]
     refused: dict = {}  # target -> arm -> [{seed, reason, machine}]: runs whose pruner could not reach the target
     for target in TARGETS:
-        for seed in range(n_seeds):  # seed-major: a cut-short sitting still has paired arms for the seeds it reached
+        # seed-major: a cut-short sitting still has paired arms for the seeds it reached
+        for seed in range(args.from_seed, n_seeds):
             for arm in (a for a in arms if seed in seeds_of[a]):
                 label = f"{args.model}-{arm}-t{target}-s{seed}" + (f"-n{args.subset}" if args.subset else "")
                 if target not in args.targets:
