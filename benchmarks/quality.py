@@ -280,11 +280,10 @@ def main() -> None:
     teacher_row, missing = None, [f"{arm} (not asked for)" for arm in ALL_ARMS if arm not in arms]
     refused: dict = {}  # target -> arm -> [{seed, reason, machine}]: runs whose pruner could not reach the target
     for target in TARGETS:
-        # seed-major: a cut-short sitting still has paired arms for the seeds it reached
-        for seed in range(args.from_seed, n_seeds):
+        for seed in range(n_seeds):  # seed-major: a cut-short sitting still has paired arms for the seeds it reached
             for arm in (a for a in arms if seed in seeds_of[a]):
                 label = f"{args.model}-{arm}-t{target}-s{seed}" + (f"-n{args.subset}" if args.subset else "")
-                if target not in args.targets:
+                if target not in args.targets or seed < args.from_seed:  # left to another process
                     missing.append(label)
                     continue
                 if arm in PEERS:
