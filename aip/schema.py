@@ -260,7 +260,9 @@ class AcpConfig:
     criterion: str = option(
         "l1", "which channels a group keeps at a searched width (forward passes only: not taylor or hybrid)"
     )
-    fill_budget: bool = option(True, "widen the searched widths by one common factor until they fill the budget")
+    fill_budget: bool = option(
+        True, "widen each searched candidate (a common share, then width steps) until it fills the budget"
+    )
     holdout_size: int = option(1000, "training images held out to measure fitness on (top-1; mAP@.5 for detection)")
     distill: bool = option(True, "distil the candidates' recovery steps from the teacher")
     final: str = option("aip", "recovery of every stage: aip (the AIP losses) or finetune (the task loss alone)")

@@ -52,7 +52,7 @@ TORCHVISION = [
     "squeezenet1_1",
 ]
 TIMM = ["resnet26d", "mobilenetv3_small_100", "efficientnet_b0", "regnety_002", "ghostnet_050"]
-HANDMADE = ["toy_split", "toy_concat", "cifar_resnet20_a", "toy_grouped", "toy_dw_se"]
+HANDMADE = ["toy_split", "toy_concat", "cifar_resnet20_a", "toy_grouped", "toy_dw_se", "toy_ghost"]
 MODELS = [f"torchvision:{n}" for n in TORCHVISION] + [f"timm:{n}" for n in TIMM] + HANDMADE
 RESULTS = Path(__file__).resolve().parent / "results"
 

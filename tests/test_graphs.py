@@ -21,7 +21,7 @@ from aip.prune.equivalence import replay_deviation
 from aip.prune.importance import create_importance
 from aip.prune.pruner import ChannelPruner, PruningError
 
-TOY = ["toy_split", "toy_concat", "toy_grouped", "toy_dw_se", "cifar_resnet8", "cifar_resnet8_a"]
+TOY = ["toy_split", "toy_concat", "toy_grouped", "toy_dw_se", "toy_ghost", "cifar_resnet8", "cifar_resnet8_a"]
 
 
 @pytest.mark.parametrize("name", TOY)
@@ -56,6 +56,18 @@ def test_chunked_halves_lose_the_same_number_of_channels() -> None:
     for block in (model.features[1], model.features[3]):
         assert block.conv[0].out_channels % 2 == 0
         assert block.left[0].in_channels == block.right[0].in_channels == block.conv[0].out_channels // 2
+
+
+def test_a_ghost_module_loses_a_channel_and_its_depthwise_copy_together() -> None:
+    model = create_model("toy_ghost", 10).eval()
+    pruner = ChannelPruner(model, torch.randn(1, 3, 32, 32), [model.fc])
+    pruner.prune_to(0.5 * pruner.cost("flops"), "flops", create_importance("l1"))
+    assert pruner.refused == {}
+    for block in (model.features[1], model.features[2]):
+        width = block.primary[0].out_channels
+        assert block.cheap[0].out_channels == width
+        assert block.depthwise[0].out_channels == block.project[0].in_channels == 2 * width
+    assert model.features[1].primary[0].out_channels < 12 or model.features[2].primary[0].out_channels < 16
 
 
 def test_grouped_convolutions_keep_equal_channel_groups() -> None:

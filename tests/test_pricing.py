@@ -102,3 +102,16 @@ def test_the_check_example_is_cropped_only_where_the_outputs_keep_their_shapes()
     assert check_example(classifier, x).shape == (1, 3, 32, 32)
     assert check_example(Dense(), x) is x
     assert check_example(classifier, torch.randn(1, 3, 32, 32)).shape == (1, 3, 32, 32)
+
+
+@pytest.mark.parametrize("seed", [1, 3])
+def test_two_cuts_land_within_the_slack_under_the_target(seed: int) -> None:
+    torch.manual_seed(seed)
+    model = create_model("cifar_resnet20", 10)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pruner = ChannelPruner(model, torch.randn(1, 3, 32, 32), [classifier_of(model)])
+    base = pruner.cost("flops")
+    pruner.prune_to(0.5**0.5 * base, "flops", create_importance("l1"))
+    pruner.prune_to(0.5 * base, "flops", create_importance("l1"))
+    assert 0.499 <= pruner.cost("flops") / base <= 0.5

@@ -76,8 +76,8 @@ def widths_at(pruner: ChannelPruner, final: dict[str, int], budget: float, metri
 
 def acp_prune(run: PruningRun, stage: Stage, data: SearchData) -> None:
     """Cut the student to the stage's widths on the way to the searched ones (the search runs before the first cut),
-    and log it. The intervals' cost targets follow `prune.schedule` down to the searched widths' cost, which may lie
-    under the budget (the clustering can start the swarm there)."""
+    and log it. The intervals' cost targets follow `prune.schedule` down to the searched widths' cost (at most the
+    budget: with `acp.fill_budget` the search widens every candidate until no group's next width fits)."""
     session, pruner, cfg = run.session, run.pruner, run.session.cfg
     final, search = searched_widths(run, data)
     started = time.perf_counter()

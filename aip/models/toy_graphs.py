@@ -1,6 +1,7 @@
 """Small hand-made graphs with the shapes that break naive channel pruning: a chunked tensor, a concatenation, a
-grouped convolution, and a depthwise-separable block with squeeze-and-excitation. Registered as models, so configs
-and the coverage benchmark can name them (`toy_split`, `toy_concat`, `toy_grouped`, `toy_dw_se`)."""
+grouped convolution, a depthwise-separable block with squeeze-and-excitation, and GhostNet's concatenation of a layer
+with a depthwise copy of it. Registered as models, so configs and the coverage benchmark can name them (`toy_split`,
+`toy_concat`, `toy_grouped`, `toy_dw_se`, `toy_ghost`)."""
 
 from __future__ import annotations
 
@@ -83,6 +84,22 @@ class DepthwiseSEBlock(nn.Module):
         return x + self.project(self.se(self.depthwise(self.expand(x))))
 
 
+class GhostBlock(nn.Module):
+    """GhostNet's module: a 1x1 convolution, a depthwise convolution of its output, both concatenated (so channel j
+    and channel j + width go together), then a depthwise 3x3 and a 1x1 projection."""
+
+    def __init__(self, cin: int, width: int, cout: int) -> None:
+        super().__init__()
+        self.primary = _conv_bn(cin, width, k=1)
+        self.cheap = _conv_bn(width, width, groups=width)
+        self.depthwise = _conv_bn(2 * width, 2 * width, groups=2 * width)
+        self.project = _conv_bn(2 * width, cout, k=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        primary = self.primary(x)
+        return self.project(self.depthwise(torch.cat([primary, self.cheap(primary)], dim=1)))
+
+
 @register_model("toy_split")
 def toy_split(num_classes: int = 10, in_channels: int = 3) -> nn.Module:
     """Stem, two chunk-and-concatenate blocks, classifier."""
@@ -116,3 +133,10 @@ def toy_dw_se(num_classes: int = 10, in_channels: int = 3) -> nn.Module:
     """MobileNet-like: stem, two inverted residual blocks with depthwise convolutions and squeeze-and-excitation."""
     features = nn.Sequential(_conv_bn(in_channels, 16), DepthwiseSEBlock(16), DepthwiseSEBlock(16))
     return _Classifier(features, 16, num_classes)
+
+
+@register_model("toy_ghost")
+def toy_ghost(num_classes: int = 10, in_channels: int = 3) -> nn.Module:
+    """GhostNet-like: stem, two ghost blocks, classifier."""
+    features = nn.Sequential(_conv_bn(in_channels, 16), GhostBlock(16, 12, 24), GhostBlock(24, 16, 32))
+    return _Classifier(features, 32, num_classes)

@@ -3,7 +3,9 @@
 Enumerated root by root like `DependencyGraph.get_all_groups`, except that a root whose channels the graph cannot
 map (an exception inside its index mapping) is reported with the reason instead of stopping the whole enumeration.
 Each group's `unit` follows Torch-Pruning's pruners: a grouped convolution (or GroupNorm) loses the same channel of
-every channel group; a tensor chunked into equal pieces loses the same channel of every piece.
+every channel group; a tensor chunked into equal pieces loses the same channel of every piece; a root whose channel
+comes back to it at other positions (a concatenation of a layer with a depthwise copy of it, as in GhostNet) loses
+those positions with it.
 """
 
 from __future__ import annotations
@@ -91,6 +93,28 @@ def enumerate_groups(
             reason = reason or "a split of its channels into unequal or partial pieces"
         else:
             unit = math.lcm(unit, pieces)
+        if reason is None:
+            closure, why = coupled_positions(graph, module, handler, len(group[0].idxs))
+            reason = why
+            unit = math.lcm(unit, closure)
         if reason is None and len(group[0].idxs) % unit:
             reason = f"{len(group[0].idxs)} channels do not divide into {unit} equal channel groups"
         yield name, module, group, unit, reason
+
+
+def coupled_positions(
+    graph: tp.DependencyGraph, root: nn.Module, handler: tp.pruner.BasePruningFunc, width: int
+) -> tuple[int, str | None]:
+    """How many of the root's own channels Torch-Pruning removes with its first channel (k, evenly spaced: channel j
+    goes with j + width/k, j + 2 width/k, ...), and a reason to leave the group when they are not so spaced."""
+    try:
+        probe = graph.get_pruning_group(root, handler.prune_out_channels, [0])
+    except Exception as exc:  # Torch-Pruning's index mapping: whatever it raises, it did not understand
+        return 1, f"the graph cannot map its channels ({type(exc).__name__}: {exc})"
+    taken = sorted({int(i) for i in probe[0].idxs})
+    k = len(taken)
+    if k == 1:
+        return 1, None
+    if width % k or taken != [g * (width // k) for g in range(k)]:
+        return 1, f"removing its channel 0 removes channels {taken[:6]} too, not evenly spaced"
+    return k, None

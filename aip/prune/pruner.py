@@ -25,6 +25,7 @@ from aip.prune.selection import Candidate, Pricer, choose, group_candidates, per
 from aip.prune.widths import WidthCost
 
 History = list[list]
+LANDING_SLACK = 0.002  # a cut may end this share of its target under it (a looser one hands the student less budget)
 
 
 class PruningError(RuntimeError):
@@ -120,7 +121,10 @@ class ChannelPruner:
         if self._enumerated is None:
             self._enumerated = list(enumerate_groups(self.graph, self.ignored))
             self._roots = {name: root for name, root, *_ in self._enumerated}
+        known = getattr(self, "original_widths", None)  # None while the constructor enumerates the groups
         for name, root, group, unit, reason in self._enumerated:
+            if known is not None and name not in known and reason is None:
+                reason = "an earlier removal regrouped its channels (the graph couples them differently now)"
             if reason is not None and name not in self.refused:
                 self._refuse(name, first_line(reason))
             if name in self.refused:
@@ -324,7 +328,7 @@ class ChannelPruner:
         metric: str,
         importance: tp.importance.Importance,
         calibrate: Callable[[nn.Module], None] | None = None,
-        tolerance: float = 0.02,
+        tolerance: float = LANDING_SLACK,
         measure: Callable[[], float] | None = None,
         pricer: Callable[[str], Pricer] | None = None,
     ) -> IntervalLog:
@@ -333,9 +337,10 @@ class ChannelPruner:
         `metric` is "flops" or "params" (or a measured cost: `measure()` gives it, `pricer(metric)` prices removals).
         A step scores the channels (a data-driven criterion records its calibration batches once for it) and removes
         those whose priced cost fills the remaining gap, passing over a block that would overshoot the target by more
-        than `tolerance` of it; under a measured cost the channels are ranked by score per unit of price (the
-        lowest first). The analytic pricing is exact, so one step suffices unless a group's removal fails
-        and is undone, or a hierarchical order takes the groups in turn; each further step re-scores the model.
+        than `tolerance` of it (by default the cut lands within 0.2% under the target) unless nothing else closes
+        the gap; under a measured cost the channels are ranked by score per unit of price (the lowest first). The
+        analytic pricing is exact, so one step suffices unless a group's removal fails and is undone, or a
+        hierarchical order takes the groups in turn; each further step re-scores the model.
         """
         was_training = self.model.training
         self._calibrate_gradients(importance, calibrate)
@@ -376,7 +381,7 @@ class ChannelPruner:
         metric: str,
         importance: tp.importance.Importance,
         calibrate: Callable[[nn.Module], None] | None = None,
-        tolerance: float = 0.02,
+        tolerance: float = LANDING_SLACK,
     ) -> IntervalLog:
         """Remove, in one step, every channel scored under `threshold` (per-group caps hold), lowest first, but
         never take the cost below `floor`. For criteria with absolute scores, such as `activation`. With
@@ -391,7 +396,7 @@ class ChannelPruner:
         steps = 0
         if candidates and before > floor:
             pricer, units = self.width_cost().pricer(metric), {g.name: g.unit for g in groups}
-            self._remove(choose(candidates, pricer, units, before - floor, tolerance * floor), groups)
+            self._remove(choose(candidates, pricer, units, before - floor, tolerance * floor, close=False), groups)
             steps = 1
         self.model.zero_grad(set_to_none=True)
         self.model.train(was_training)

@@ -57,13 +57,19 @@ def per_price(candidates: list[Candidate], pricer: Pricer, units: dict[str, int]
 
 
 def choose(
-    candidates: list[Candidate], pricer: Pricer, units: dict[str, int], gap: float, slack: float
+    candidates: list[Candidate],
+    pricer: Pricer,
+    units: dict[str, int],
+    gap: float,
+    slack: float,
+    close: bool = True,
 ) -> dict[str, list[int]]:
     """Take the ranked blocks whose cost fills `gap`, skipping one that would overshoot by more than `slack` (and
-    the later blocks of its group, which keep the grid only behind it); when every block overshoots, the cheapest
-    first block alone. `units` gives each group's channels per unit."""
+    the later blocks of its group, which keep the grid only behind it); with `close`, when the rest cannot fill the
+    gap, the cheapest skipped block closes it (so one step reaches the target); when every block overshoots, the
+    cheapest first block alone. `units` gives each group's channels per unit."""
     chosen: dict[str, list[int]] = defaultdict(list)
-    removed, passed = 0.0, set()
+    removed, passed = 0.0, {}
     for c in candidates:
         if removed >= gap:
             break
@@ -72,13 +78,14 @@ def choose(
         channels = len(c.units) * units[c.name]
         saves = pricer.peek(c.name, channels)
         if removed + saves > gap + slack:
-            passed.add(c.name)
+            passed[c.name] = c
             continue
         pricer.take(c.name, channels)
         chosen[c.name].extend(c.units)
         removed += saves
-    if not chosen:
-        first = [c for c in candidates if c.block == 0]
-        best = min(first, key=lambda c: (pricer.peek(c.name, len(c.units) * units[c.name]), c.score))
+    left = [c for c in candidates if c.block == 0] if not chosen else list(passed.values()) if close else []
+    if removed < gap and left:
+        best = min(left, key=lambda c: (pricer.peek(c.name, len(c.units) * units[c.name]), c.score))
+        pricer.take(best.name, len(best.units) * units[best.name])
         chosen[best.name].extend(best.units)
     return dict(chosen)

@@ -4,7 +4,8 @@
    images (spatial means, one value per image) and clustered with DBSCAN on correlation distance; the group keeps
    (clusters + noise points) channels. `eps` is the compression knob.
 2. Particle swarm over width vectors (one width per group: coupled layers share it): particle 0 is the clustering
-   result, the others random offsets of it; every candidate is projected under the FLOPs (or parameter) budget.
+   result, the others random offsets of it; every candidate is projected under the FLOPs (or parameter) budget and,
+   with `acp.fill_budget`, widened back up to it (a common share, then one width step at a time).
    Fitness comes from the caller (accuracy after a short recovery on a held-out split), minus a penalty for any
    excess over the budget; a caller may score a whole iteration's candidates at once (`evaluate_many`), sharing
    them out over processes. The swarm's state is saved after every iteration and a search resumes from it.
