@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import warnings
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -18,6 +19,7 @@ from torch import nn
 from aip.models import classifier_of, create_model
 from aip.prune.cost import model_cost
 from aip.prune.equivalence import replay_deviation
+from aip.prune.groups import coupled_positions
 from aip.prune.importance import create_importance
 from aip.prune.pruner import ChannelPruner, PruningError
 
@@ -68,6 +70,39 @@ def test_a_ghost_module_loses_a_channel_and_its_depthwise_copy_together() -> Non
         assert block.cheap[0].out_channels == width
         assert block.depthwise[0].out_channels == block.project[0].in_channels == 2 * width
     assert model.features[1].primary[0].out_channels < 12 or model.features[2].primary[0].out_channels < 16
+
+
+class _ProbeGraph:
+    """Stands in for Torch-Pruning's graph in `coupled_positions`: removing channel 0 takes `taken` with it."""
+
+    def __init__(self, taken: list[int]) -> None:
+        self.taken = taken
+
+    def get_pruning_group(self, root: nn.Module, fn: object, idxs: list[int]) -> list[SimpleNamespace]:
+        return [SimpleNamespace(idxs=self.taken)]
+
+
+def test_coupled_positions_make_a_unit_when_evenly_spaced_and_refuse_otherwise() -> None:
+    handler = SimpleNamespace(prune_out_channels=None)
+    assert coupled_positions(_ProbeGraph([0]), nn.Identity(), handler, 8) == (1, None)
+    assert coupled_positions(_ProbeGraph([0, 4]), nn.Identity(), handler, 8) == (2, None)
+    assert coupled_positions(_ProbeGraph([0, 2, 4, 6]), nn.Identity(), handler, 8) == (4, None)
+    for taken in ([0, 5], [0, 3, 6]):
+        unit, why = coupled_positions(_ProbeGraph(taken), nn.Identity(), handler, 8)
+        assert unit == 1 and why is not None and "not evenly spaced" in why
+
+
+def test_a_group_the_unpruned_model_did_not_have_is_refused_not_guessed() -> None:
+    model = create_model("toy_split", 10).eval()
+    pruner = ChannelPruner(model, torch.randn(1, 3, 32, 32), [model.fc])
+    names = [g.name for g in pruner._groups()]
+    renamed = names[0]
+    del pruner.original_widths[renamed]  # as after a removal whose graph couples the channels under a new root
+    pruner._enumerated = None
+    with pytest.warns(UserWarning, match="regrouped"):
+        left = [g.name for g in pruner._groups()]
+    assert renamed not in left and set(left) == set(names) - {renamed}
+    assert "regrouped" in pruner.refused[renamed]
 
 
 def test_grouped_convolutions_keep_equal_channel_groups() -> None:
